@@ -1,0 +1,418 @@
+//! Configuration: layered sources → raw serde structs → a validated [`Config`].
+//!
+//! Layers, later ones winning: the embedded `config/default.toml` (every key
+//! with its default), an optional file given by `--config PATH`, then
+//! environment variables `ROOMCAST__SECTION__KEY`. Unknown keys and invalid
+//! values are errors that name the key (`bus.kind: expected one of …`).
+//! Tests build a [`Config`] from in-memory sources, never through the process
+//! environment.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The defaults, compiled in so the binary runs without any file.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// A configuration problem, always naming the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+    #[error("{0}")]
+    Source(String),
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// The validated configuration the program runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// Empty means "derive from the hostname" (see [`Config::node_id`]).
+    pub node_id: String,
+    pub bus: BusConfig,
+    pub limits: Limits,
+    pub heartbeat: Heartbeat,
+    /// Period over which clients are closed on shutdown.
+    pub drain: Duration,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone)]
+pub enum BusConfig {
+    Memory { capacity: usize },
+    Redis(RedisConfig),
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    pub url: String,
+    pub channel_prefix: String,
+    pub ping_interval: Duration,
+    pub timeout: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_message_bytes: usize,
+    pub max_rooms_per_connection: usize,
+    pub outbound_queue_bytes: usize,
+    pub read_buffer_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Heartbeat {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub json: bool,
+    pub level: String,
+}
+
+// ---- raw shapes, exactly as written in TOML / env ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    server: RawServer,
+    node: RawNode,
+    bus: RawBus,
+    limits: RawLimits,
+    heartbeat: RawHeartbeat,
+    shutdown: RawShutdown,
+    log: RawLog,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBus {
+    kind: String,
+    memory_capacity: usize,
+    redis: RawRedis,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRedis {
+    url: String,
+    channel_prefix: String,
+    ping_interval: String,
+    timeout: String,
+    backoff_min: String,
+    backoff_max: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_message_bytes: usize,
+    max_rooms_per_connection: usize,
+    outbound_queue_bytes: usize,
+    read_buffer_bytes: usize,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHeartbeat {
+    interval: String,
+    timeout: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShutdown {
+    drain: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: String,
+    level: String,
+}
+
+impl Config {
+    /// Load from the layered sources: defaults, then `file`, then the
+    /// `ROOMCAST__…` entries of `env` (pass `std::env::vars()` in `main`).
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        let env: HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("ROOMCAST__"))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("ROOMCAST")
+                .prefix_separator("__")
+                .separator("__")
+                .source(Some(env)),
+        );
+        let layered = builder
+            .build()
+            .map_err(|e| ConfigError::Source(e.to_string()))?;
+        let raw: Raw = serde_path_to_error::deserialize(layered).map_err(|e| {
+            let key = e.path().to_string();
+            invalid(&key, e.into_inner().to_string())
+        })?;
+        raw.validate()
+    }
+
+    /// The defaults alone (what tests start from).
+    pub fn defaults() -> Config {
+        match Config::load(None, std::iter::empty()) {
+            Ok(config) => config,
+            // The embedded defaults are checked by a unit test; reaching this is a build defect.
+            Err(e) => panic!("embedded config/default.toml is invalid: {e}"),
+        }
+    }
+
+    /// The node id: configured, or the hostname plus a random suffix.
+    pub fn node_id(&self) -> String {
+        if !self.node_id.is_empty() {
+            return self.node_id.clone();
+        }
+        let host = hostname::get()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "node".to_owned());
+        format!("{host}-{:06x}", rand::random::<u32>() & 0xff_ffff)
+    }
+}
+
+fn duration(key: &str, value: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(value).map_err(|e| {
+        invalid(
+            key,
+            format!("invalid duration {value:?} ({e}); use e.g. \"250ms\", \"25s\""),
+        )
+    })
+}
+
+fn positive(key: &str, value: usize) -> Result<usize, ConfigError> {
+    if value == 0 {
+        return Err(invalid(key, "must be greater than 0"));
+    }
+    Ok(value)
+}
+
+impl Raw {
+    fn validate(self) -> Result<Config, ConfigError> {
+        let listen = self.server.listen.parse().map_err(|_| {
+            invalid(
+                "server.listen",
+                format!(
+                    "{:?} is not an address like 127.0.0.1:8080",
+                    self.server.listen
+                ),
+            )
+        })?;
+        let node_id = self.node.id;
+        if node_id.len() > 64
+            || !node_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(invalid(
+                "node.id",
+                "use at most 64 characters of A-Z a-z 0-9 - _ .",
+            ));
+        }
+        let bus = match self.bus.kind.as_str() {
+            "memory" => BusConfig::Memory {
+                capacity: positive("bus.memory_capacity", self.bus.memory_capacity)?,
+            },
+            "redis" => {
+                let r = self.bus.redis;
+                if redis::parse_redis_url(&r.url).is_none() {
+                    return Err(invalid(
+                        "bus.redis.url",
+                        format!("{:?} is not a redis:// URL", r.url),
+                    ));
+                }
+                let backoff_min = duration("bus.redis.backoff_min", &r.backoff_min)?;
+                let backoff_max = duration("bus.redis.backoff_max", &r.backoff_max)?;
+                if backoff_max < backoff_min {
+                    return Err(invalid(
+                        "bus.redis.backoff_max",
+                        "must be at least bus.redis.backoff_min",
+                    ));
+                }
+                BusConfig::Redis(RedisConfig {
+                    url: r.url,
+                    channel_prefix: r.channel_prefix,
+                    ping_interval: nonzero_duration("bus.redis.ping_interval", &r.ping_interval)?,
+                    timeout: nonzero_duration("bus.redis.timeout", &r.timeout)?,
+                    backoff_min,
+                    backoff_max,
+                })
+            }
+            other => {
+                return Err(invalid(
+                    "bus.kind",
+                    format!("{other:?} is not one of \"memory\", \"redis\""),
+                ))
+            }
+        };
+        let l = self.limits;
+        let limits = Limits {
+            max_message_bytes: positive("limits.max_message_bytes", l.max_message_bytes)?,
+            max_rooms_per_connection: positive(
+                "limits.max_rooms_per_connection",
+                l.max_rooms_per_connection,
+            )?,
+            outbound_queue_bytes: positive("limits.outbound_queue_bytes", l.outbound_queue_bytes)?,
+            read_buffer_bytes: positive("limits.read_buffer_bytes", l.read_buffer_bytes)?,
+        };
+        let heartbeat = Heartbeat {
+            interval: nonzero_duration("heartbeat.interval", &self.heartbeat.interval)?,
+            timeout: nonzero_duration("heartbeat.timeout", &self.heartbeat.timeout)?,
+        };
+        if heartbeat.timeout <= heartbeat.interval {
+            return Err(invalid(
+                "heartbeat.timeout",
+                "must be longer than heartbeat.interval",
+            ));
+        }
+        let json = match self.log.format.as_str() {
+            "text" => false,
+            "json" => true,
+            other => {
+                return Err(invalid(
+                    "log.format",
+                    format!("{other:?} is not one of \"text\", \"json\""),
+                ))
+            }
+        };
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid(
+                "log.level",
+                format!("{:?} is not a log filter like \"info\"", self.log.level),
+            ));
+        }
+        Ok(Config {
+            listen,
+            node_id,
+            bus,
+            limits,
+            heartbeat,
+            drain: duration("shutdown.drain", &self.shutdown.drain)?,
+            log: LogConfig {
+                json,
+                level: self.log.level,
+            },
+        })
+    }
+}
+
+fn nonzero_duration(key: &str, value: &str) -> Result<Duration, ConfigError> {
+    let d = duration(key, value)?;
+    if d.is_zero() {
+        return Err(invalid(key, "must be greater than 0"));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn embedded_defaults_are_valid() {
+        let c = Config::load(None, env(&[])).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert!(matches!(c.bus, BusConfig::Memory { .. }));
+        assert_eq!(c.limits.max_message_bytes, 65536);
+        assert_eq!(c.limits.max_rooms_per_connection, 32);
+        assert_eq!(c.heartbeat.interval, Duration::from_secs(25));
+        assert_eq!(c.drain, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn environment_overrides_nested_keys() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("ROOMCAST__BUS__KIND", "redis"),
+                ("ROOMCAST__BUS__REDIS__URL", "redis://127.0.0.1:7000"),
+                ("ROOMCAST__LIMITS__MAX_MESSAGE_BYTES", "1024"),
+                ("OTHER", "ignored"),
+            ]),
+        )
+        .unwrap();
+        match c.bus {
+            BusConfig::Redis(r) => assert_eq!(r.url, "redis://127.0.0.1:7000"),
+            other => panic!("expected redis bus, got {other:?}"),
+        }
+        assert_eq!(c.limits.max_message_bytes, 1024);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("ROOMCAST__BUS__KIND", "kafka", "bus.kind"),
+            (
+                "ROOMCAST__HEARTBEAT__INTERVAL",
+                "soon",
+                "heartbeat.interval",
+            ),
+            ("ROOMCAST__SERVER__LISTEN", "nowhere", "server.listen"),
+            (
+                "ROOMCAST__LIMITS__MAX_MESSAGE_BYTES",
+                "lots",
+                "limits.max_message_bytes",
+            ),
+            ("ROOMCAST__SERVER__COLOUR", "blue", "colour"),
+            ("ROOMCAST__LOG__FORMAT", "xml", "log.format"),
+        ];
+        for (key, value, named) in cases {
+            let err = Config::load(None, env(&[(key, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(named),
+                "{key}={value}: error {err:?} does not name {named}"
+            );
+        }
+    }
+}

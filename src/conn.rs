@@ -1,0 +1,369 @@
+//! One WebSocket connection after the handshake: its read loop, the JSON and
+//! raw protocols, heartbeats, limits and the close handshake.
+//!
+//! A connection is one task. It sleeps until the socket is readable, bytes
+//! were queued for it (see `peer.rs`: normally the fan-out writes straight to
+//! the socket and this task is not involved), or a close was requested. Its
+//! read buffer exists only while it is reading, so an idle client costs the
+//! task, its [`Peer`] and the kernel socket — no user-space buffers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::gateway::Gateway;
+use crate::hub::RoomPin;
+use crate::peer::Peer;
+use crate::protocol::{self, ErrorCode, Format, Rejection, Request};
+use crate::ws::{self, close, FrameReader, Incoming};
+
+/// How long a closing connection may take to flush its close frame and get
+/// the client's reply before the socket is dropped.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Reads per wake-up before yielding to other connections.
+const READS_PER_WAKE: usize = 16;
+
+/// A connection that passed the HTTP upgrade.
+pub struct Accepted {
+    pub socket: TcpStream,
+    /// Bytes the HTTP server read past the handshake (the start of the first frame).
+    pub leftover: Bytes,
+    pub format: Format,
+    /// Rooms from the URL, already validated, deduplicated and pinned (subscribed).
+    pub rooms: Vec<(String, RoomPin)>,
+}
+
+/// Serve one connection until it closes.
+pub async fn serve(gw: Arc<Gateway>, accepted: Accepted) {
+    let seq = gw.next_seq();
+    let id: Arc<str> = Arc::from(format!("{}-{seq:x}", gw.node_id));
+    let peer = Arc::new(Peer::new(
+        id,
+        seq,
+        accepted.format,
+        accepted.socket,
+        gw.config.limits.outbound_queue_bytes,
+        gw.hub.now_ms(),
+    ));
+    gw.hub.register(peer.clone());
+    gw.metrics.connections_opened.inc();
+    let started = Instant::now();
+    if peer.format == Format::Json {
+        peer.send(&protocol::welcome_frame(&peer.id, &gw.node_id));
+    }
+    let mut rooms = Vec::with_capacity(accepted.rooms.len());
+    for (room, pin) in accepted.rooms {
+        gw.hub.join(&room, &peer);
+        drop(pin);
+        rooms.push(room);
+    }
+    let reader = FrameReader::new(
+        gw.config.limits.max_message_bytes,
+        gw.config.limits.read_buffer_bytes,
+        accepted.leftover,
+    );
+    let mut conn = Conn {
+        gw: gw.clone(),
+        peer: peer.clone(),
+        rooms,
+        reader,
+        close_done: false,
+    };
+    conn.run().await;
+    for room in &conn.rooms {
+        gw.hub.leave(room, &peer);
+    }
+    gw.hub.unregister(&peer);
+    gw.metrics
+        .connection_duration_seconds
+        .observe(started.elapsed().as_secs_f64());
+    tracing::debug!(conn = %peer.id, "connection closed");
+}
+
+struct Conn {
+    gw: Arc<Gateway>,
+    peer: Arc<Peer>,
+    rooms: Vec<String>,
+    reader: FrameReader,
+    /// The close handshake is complete (we replied to the client's close, or it answered ours).
+    close_done: bool,
+}
+
+/// Whether to keep serving after handling input.
+enum Flow {
+    Continue,
+    Stop,
+}
+
+impl Conn {
+    async fn run(&mut self) {
+        let mut want_write = false;
+        let mut deadline: Option<Instant> = None;
+        loop {
+            if deadline.is_none() && self.peer.closing().is_some() {
+                deadline = Some(Instant::now() + CLOSE_GRACE);
+            }
+            let mut readable = false;
+            tokio::select! {
+                biased;
+                _ = sleep_until_opt(deadline) => return,
+                _ = self.peer.wake.notified() => {}
+                r = self.peer.socket.writable(), if want_write => {
+                    if r.is_err() {
+                        return;
+                    }
+                }
+                r = self.peer.socket.readable() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    readable = true;
+                }
+            }
+            match self.peer.flush() {
+                Ok(drained) => want_write = !drained,
+                Err(_) => return,
+            }
+            if self.close_done && !want_write {
+                return;
+            }
+            if readable {
+                if let Flow::Stop = self.read().await {
+                    return;
+                }
+                match self.peer.flush() {
+                    Ok(drained) => want_write = !drained,
+                    Err(_) => return,
+                }
+                if self.close_done && !want_write {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Read what the socket has and handle every complete message.
+    async fn read(&mut self) -> Flow {
+        for _ in 0..READS_PER_WAKE {
+            match self.peer.socket.try_read_buf(self.reader.read_buf()) {
+                Ok(0) => return Flow::Stop,
+                Ok(_) => {
+                    self.peer.touch(self.gw.hub.now_ms());
+                    loop {
+                        match self.reader.next() {
+                            Ok(Some(msg)) => {
+                                if let Flow::Stop = self.handle(msg).await {
+                                    return Flow::Stop;
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                let code = match e.close_code() {
+                                    close::TOO_BIG => "message_too_big",
+                                    close::INVALID_PAYLOAD => "invalid_utf8",
+                                    _ => "protocol_error",
+                                };
+                                self.gw
+                                    .metrics
+                                    .client_errors
+                                    .with_label_values(&[code])
+                                    .inc();
+                                tracing::debug!(conn = %self.peer.id, error = %e, "closing connection");
+                                self.peer.close(e.close_code(), &e.to_string(), false);
+                                return Flow::Continue;
+                            }
+                        }
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => return Flow::Stop,
+            }
+        }
+        self.reader.release_if_idle();
+        Flow::Continue
+    }
+
+    async fn handle(&mut self, msg: Incoming) -> Flow {
+        if self.peer.closing().is_some() {
+            // Closing: only the client's close frame matters now.
+            if let Incoming::Close(_) = msg {
+                self.close_done = true;
+            }
+            return Flow::Continue;
+        }
+        match msg {
+            Incoming::Text(text) => match self.peer.format {
+                Format::Json => self.handle_json(&text).await,
+                Format::Raw => self.publish_raw(&text, false).await,
+            },
+            Incoming::Binary(data) => match self.peer.format {
+                Format::Json => self.reject(Rejection::new(
+                    None,
+                    ErrorCode::BadFrame,
+                    "binary frames are not accepted in JSON mode",
+                )),
+                Format::Raw => self.publish_raw(&data, true).await,
+            },
+            Incoming::Ping(payload) => {
+                self.peer.send(&ws::pong_frame(&payload));
+            }
+            Incoming::Pong => {}
+            Incoming::Close(code) => {
+                // Echo the client's code, as RFC 6455 asks; then we are done.
+                let reply = match code {
+                    Some(c) if (1000..5000).contains(&c) && !matches!(c, 1004..=1006 | 1015) => c,
+                    _ => close::NORMAL,
+                };
+                self.peer.close(reply, "", true);
+                self.close_done = true;
+            }
+        }
+        Flow::Continue
+    }
+
+    fn reject(&self, rejection: Rejection) {
+        self.gw
+            .metrics
+            .client_errors
+            .with_label_values(&[rejection.code.as_str()])
+            .inc();
+        self.peer.send(&protocol::error_frame(&rejection));
+    }
+
+    fn joined(&self, room: &str) -> bool {
+        self.rooms.iter().any(|r| r == room)
+    }
+
+    async fn handle_json(&mut self, text: &[u8]) {
+        // The frame reader has validated UTF-8 already.
+        let Ok(text) = std::str::from_utf8(text) else {
+            return self.reject(Rejection::new(
+                None,
+                ErrorCode::BadFrame,
+                "text is not UTF-8",
+            ));
+        };
+        let (id, request) = match protocol::parse_request(text) {
+            Ok(parsed) => parsed,
+            Err(rejection) => return self.reject(rejection),
+        };
+        let limits = &self.gw.config.limits;
+        match request {
+            Request::Join { room } => {
+                if !self.joined(&room) {
+                    if self.rooms.len() >= limits.max_rooms_per_connection {
+                        return self.reject(Rejection::new(
+                            id,
+                            ErrorCode::TooManyRooms,
+                            format!(
+                                "a connection may join at most {} rooms",
+                                limits.max_rooms_per_connection
+                            ),
+                        ));
+                    }
+                    self.gw.hub.join(&room, &self.peer);
+                    self.rooms.push(room.into_owned());
+                    // Ack only once this node receives the room's messages.
+                    self.gw.hub.sync().await;
+                }
+                self.ack(id);
+            }
+            Request::Leave { room } => {
+                let Some(pos) = self.rooms.iter().position(|r| *r == room) else {
+                    return self.reject(Rejection::new(
+                        id,
+                        ErrorCode::NotJoined,
+                        format!("not in room {room:?}"),
+                    ));
+                };
+                self.rooms.swap_remove(pos);
+                self.gw.hub.leave(&room, &self.peer);
+                self.ack(id);
+            }
+            Request::Send { room, event, data } => {
+                if !self.joined(&room) {
+                    return self.reject(Rejection::new(
+                        id,
+                        ErrorCode::NotJoined,
+                        format!("join room {room:?} before sending to it"),
+                    ));
+                }
+                let envelope = protocol::json_envelope(&event, &self.peer.id, data);
+                match self.gw.publish(&room, envelope).await {
+                    Ok(()) => {
+                        self.gw.metrics.messages_in.inc();
+                        self.ack(id);
+                    }
+                    Err(e) => {
+                        self.reject(Rejection::new(id, ErrorCode::Unavailable, e.to_string()))
+                    }
+                }
+            }
+            Request::Ping => {
+                self.peer.send(&protocol::pong_frame(id));
+            }
+        }
+    }
+
+    fn ack(&self, id: Option<u64>) {
+        if let Some(id) = id {
+            self.peer.send(&protocol::ack_frame(id));
+        }
+    }
+
+    async fn publish_raw(&mut self, payload: &[u8], binary: bool) {
+        let Some(room) = self.rooms.first() else {
+            return;
+        };
+        let envelope = protocol::raw_envelope(&self.peer.id, payload, binary);
+        match self.gw.publish(room, envelope).await {
+            Ok(()) => self.gw.metrics.messages_in.inc(),
+            Err(e) => {
+                tracing::debug!(conn = %self.peer.id, error = %e, "raw message dropped");
+                self.gw
+                    .metrics
+                    .messages_dropped
+                    .with_label_values(&["unavailable"])
+                    .inc();
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Ping every client each `heartbeat.interval`; close those silent for
+/// longer than `heartbeat.timeout`. One task per node, not a timer per socket.
+pub async fn heartbeats(gw: Arc<Gateway>, stop: tokio_util::sync::CancellationToken) {
+    let hb = gw.config.heartbeat.clone();
+    let mut tick = tokio::time::interval_at(Instant::now() + hb.interval, hb.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let ping = ws::ping_frame();
+    let timeout_ms = hb.timeout.as_millis() as u64;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = gw.hub.now_ms();
+        for peer in gw.hub.peers() {
+            if now.saturating_sub(peer.last_seen()) > timeout_ms {
+                if peer.closing().is_none() {
+                    gw.metrics.heartbeat_timeouts.inc();
+                    peer.close(close::HEARTBEAT_TIMEOUT, "heartbeat timeout", false);
+                }
+            } else {
+                peer.send(&ping);
+            }
+        }
+    }
+}

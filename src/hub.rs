@@ -1,0 +1,202 @@
+//! Local rooms: which of this node's clients are in which room, and the
+//! fan-out of bus messages to them.
+//!
+//! Invariants:
+//! - A room is subscribed on the bus exactly while it has local members or
+//!   pins. The first member/pin sends [`SubCmd::Subscribe`], the last one
+//!   leaving sends [`SubCmd::Unsubscribe`]. Both are sent while the room map's
+//!   write lock is held, so the bus sees them in the order the map changed:
+//!   a join racing an unsubscribe always ends subscribed.
+//! - Member lists are copy-on-write (`Arc<[Arc<Peer>]>`): the fan-out clones
+//!   the list under a read lock and writes to sockets with no lock held.
+//! - A bus payload is parsed and framed once per node, then the same bytes
+//!   go to every local recipient.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::metrics::Metrics;
+use crate::peer::{Peer, Sent};
+use crate::protocol::Outgoing;
+
+/// A change to the set of rooms this node subscribes to, in the order it
+/// must be applied; or a barrier.
+#[derive(Debug)]
+pub enum SubCmd {
+    Subscribe(Arc<str>),
+    Unsubscribe(Arc<str>),
+    /// Answer once every earlier command is in effect (or the bus is down and
+    /// will apply them when it reconnects).
+    Sync(oneshot::Sender<()>),
+}
+
+#[derive(Default)]
+struct Room {
+    members: Arc<[Arc<Peer>]>,
+    /// Holds on the room's subscription while a client is being connected.
+    pins: usize,
+}
+
+pub struct Hub {
+    rooms: RwLock<HashMap<Arc<str>, Room>>,
+    peers: Mutex<HashMap<u64, Arc<Peer>>>,
+    subs: mpsc::UnboundedSender<SubCmd>,
+    metrics: Arc<Metrics>,
+    epoch: Instant,
+}
+
+/// Keeps a room subscribed until dropped (see [`Hub::pin`]).
+pub struct RoomPin {
+    hub: Arc<Hub>,
+    room: Arc<str>,
+}
+
+impl Drop for RoomPin {
+    fn drop(&mut self) {
+        self.hub.change(&self.room, |room| room.pins -= 1);
+    }
+}
+
+impl Hub {
+    /// A hub and the receiving end of its subscription commands (for the bus).
+    pub fn new(metrics: Arc<Metrics>) -> (Arc<Hub>, mpsc::UnboundedReceiver<SubCmd>) {
+        let (subs, rx) = mpsc::unbounded_channel();
+        let hub = Hub {
+            rooms: RwLock::new(HashMap::new()),
+            peers: Mutex::new(HashMap::new()),
+            subs,
+            metrics,
+            epoch: Instant::now(),
+        };
+        (Arc::new(hub), rx)
+    }
+
+    /// Milliseconds since this hub started: the clock of heartbeats.
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Apply `f` to a room (creating it if needed), drop it when it ends up
+    /// empty, and tell the bus when its subscription must change.
+    fn change(&self, name: &str, f: impl FnOnce(&mut Room)) {
+        let mut rooms = self.rooms.write();
+        let existed = rooms.contains_key(name);
+        let key: Arc<str> = match rooms.get_key_value(name) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(name),
+        };
+        let room = rooms.entry(key.clone()).or_default();
+        f(room);
+        let empty = room.members.is_empty() && room.pins == 0;
+        if empty {
+            rooms.remove(name);
+            if existed {
+                let _ = self.subs.send(SubCmd::Unsubscribe(key));
+            }
+        } else if !existed {
+            let _ = self.subs.send(SubCmd::Subscribe(key));
+        }
+        self.metrics.rooms.set(rooms.len() as i64);
+    }
+
+    /// Keep `room` subscribed until the pin is dropped: lets a connection's
+    /// rooms be subscribed before its handshake completes.
+    pub fn pin(self: &Arc<Self>, room: &str) -> RoomPin {
+        self.change(room, |r| r.pins += 1);
+        RoomPin {
+            hub: self.clone(),
+            room: Arc::from(room),
+        }
+    }
+
+    pub fn join(&self, room: &str, peer: &Arc<Peer>) {
+        self.change(room, |r| {
+            if r.members.iter().any(|p| p.seq == peer.seq) {
+                return;
+            }
+            let mut members = Vec::with_capacity(r.members.len() + 1);
+            members.extend(r.members.iter().cloned());
+            members.push(peer.clone());
+            r.members = members.into();
+        });
+    }
+
+    pub fn leave(&self, room: &str, peer: &Peer) {
+        if !self.rooms.read().contains_key(room) {
+            return;
+        }
+        self.change(room, |r| {
+            if r.members.iter().any(|p| p.seq == peer.seq) {
+                r.members = r
+                    .members
+                    .iter()
+                    .filter(|p| p.seq != peer.seq)
+                    .cloned()
+                    .collect();
+            }
+        });
+    }
+
+    /// Wait until every subscription change requested so far is in effect.
+    pub async fn sync(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.subs.send(SubCmd::Sync(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Deliver one bus payload to this node's clients in `room`.
+    pub fn deliver(&self, room: &str, payload: &[u8]) {
+        let members = match self.rooms.read().get(room) {
+            Some(r) if !r.members.is_empty() => r.members.clone(),
+            _ => return,
+        };
+        self.metrics.bus_received.inc();
+        let out = match Outgoing::from_envelope(room, payload) {
+            Ok(out) => out,
+            Err(e) => {
+                self.metrics.bus_invalid.inc();
+                tracing::warn!(room, error = %e, "dropping invalid bus payload");
+                return;
+            }
+        };
+        let (mut delivered, mut slow) = (0u64, 0u64);
+        for peer in members.iter() {
+            match peer.send(out.frame_for(peer.format)) {
+                Sent::Delivered => delivered += 1,
+                Sent::SlowConsumer => slow += 1,
+                Sent::Closed => {}
+            }
+        }
+        self.metrics.deliveries.inc_by(delivered);
+        if slow > 0 {
+            self.metrics.slow_consumer_disconnects.inc_by(slow);
+        }
+    }
+
+    pub fn register(&self, peer: Arc<Peer>) {
+        let mut peers = self.peers.lock();
+        peers.insert(peer.seq, peer);
+        self.metrics.connections.set(peers.len() as i64);
+    }
+
+    pub fn unregister(&self, peer: &Peer) {
+        let mut peers = self.peers.lock();
+        peers.remove(&peer.seq);
+        self.metrics.connections.set(peers.len() as i64);
+    }
+
+    /// Every connected client, for heartbeats and shutdown.
+    pub fn peers(&self) -> Vec<Arc<Peer>> {
+        self.peers.lock().values().cloned().collect()
+    }
+
+    /// The rooms this node currently holds clients (or pins) in.
+    pub fn room_names(&self) -> Vec<Arc<str>> {
+        self.rooms.read().keys().cloned().collect()
+    }
+}

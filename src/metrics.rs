@@ -1,0 +1,143 @@
+//! Prometheus metrics, registered on a registry the caller passes in (no
+//! globals, so several gateways can live in one test process).
+//!
+//! Hot-path counters are bumped once per message with the number of sockets
+//! written, not once per socket.
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub connections: IntGauge,
+    pub connections_opened: IntCounter,
+    pub rooms: IntGauge,
+    pub messages_in: IntCounter,
+    pub messages_dropped: IntCounterVec,
+    pub bus_published: IntCounter,
+    pub bus_received: IntCounter,
+    pub bus_invalid: IntCounter,
+    pub bus_up: Gauge,
+    pub bus_reconnects: IntCounter,
+    pub deliveries: IntCounter,
+    pub slow_consumer_disconnects: IntCounter,
+    pub heartbeat_timeouts: IntCounter,
+    pub client_errors: IntCounterVec,
+    pub bus_publish_seconds: Histogram,
+    pub connection_duration_seconds: Histogram,
+}
+
+impl Metrics {
+    pub fn new(registry: Registry) -> Result<Self, prometheus::Error> {
+        let int_gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let counter_vec =
+            |name: &str, help: &str, label: &str| -> Result<IntCounterVec, prometheus::Error> {
+                let c = IntCounterVec::new(Opts::new(name, help), &[label])?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        let histogram =
+            |name: &str, help: &str, buckets: Vec<f64>| -> Result<Histogram, prometheus::Error> {
+                let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
+                registry.register(Box::new(h.clone()))?;
+                Ok(h)
+            };
+        let bus_up = Gauge::new(
+            "roomcast_bus_up",
+            "1 while the bus (Redis) is connected and subscribed, else 0",
+        )?;
+        registry.register(Box::new(bus_up.clone()))?;
+        Ok(Metrics {
+            connections: int_gauge(
+                "roomcast_connections",
+                "WebSocket clients connected to this node",
+            )?,
+            connections_opened: counter(
+                "roomcast_connections_opened_total",
+                "WebSocket connections accepted",
+            )?,
+            rooms: int_gauge(
+                "roomcast_rooms",
+                "Rooms with at least one client on this node",
+            )?,
+            messages_in: counter(
+                "roomcast_messages_in_total",
+                "Messages accepted from clients and published",
+            )?,
+            messages_dropped: counter_vec(
+                "roomcast_messages_dropped_total",
+                "Raw-mode messages from clients that could not be published",
+                "reason",
+            )?,
+            bus_published: counter(
+                "roomcast_bus_published_total",
+                "Messages published to the bus",
+            )?,
+            bus_received: counter(
+                "roomcast_bus_received_total",
+                "Messages received from the bus for local rooms",
+            )?,
+            bus_invalid: counter(
+                "roomcast_bus_invalid_total",
+                "Bus payloads dropped because they were not valid envelopes",
+            )?,
+            bus_up,
+            bus_reconnects: counter(
+                "roomcast_bus_reconnects_total",
+                "Successful (re)connections of the bus",
+            )?,
+            deliveries: counter(
+                "roomcast_deliveries_total",
+                "Messages written to clients (one per recipient)",
+            )?,
+            slow_consumer_disconnects: counter(
+                "roomcast_slow_consumer_disconnects_total",
+                "Clients closed (4001) because their outbound queue overflowed",
+            )?,
+            heartbeat_timeouts: counter(
+                "roomcast_heartbeat_timeouts_total",
+                "Clients closed (4002) because they were silent past heartbeat.timeout",
+            )?,
+            client_errors: counter_vec(
+                "roomcast_client_errors_total",
+                "Errors reported to clients, by code (error frames and protocol closes)",
+                "code",
+            )?,
+            bus_publish_seconds: histogram(
+                "roomcast_bus_publish_seconds",
+                "Time to publish one message to the bus",
+                vec![
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                    1.0,
+                ],
+            )?,
+            connection_duration_seconds: histogram(
+                "roomcast_connection_duration_seconds",
+                "How long WebSocket connections lasted (watch time)",
+                vec![
+                    1.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0,
+                ],
+            )?,
+            registry,
+        })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8192);
+        // Encoding in-memory metric families into a Vec does not fail.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}

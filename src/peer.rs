@@ -1,0 +1,206 @@
+//! One connected client as the rest of the node sees it: an id, a format,
+//! and a way to hand it frames.
+//!
+//! The write path is the hot path of the gateway. [`Peer::send`] is called
+//! by the room fan-out for every recipient of every message; it writes the
+//! shared, pre-built frame straight to the socket with a non-blocking write
+//! and returns. Only when the kernel's send buffer is full does it queue the
+//! remainder (a cheap `Bytes` slice, never a copy) and wake the connection's
+//! task, which drains the queue as the socket becomes writable. So a message
+//! to 10,000 sockets costs 10,000 `write`s and no task wake-ups, and one slow
+//! client only ever fills its own queue: past `limits.outbound_queue_bytes`
+//! it is closed with [`close::SLOW_CONSUMER`], and nobody else notices.
+//!
+//! Invariant: the queue is non-empty only while the connection task has been
+//! woken (or is waiting for writability) to drain it, so nothing is stranded.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes};
+use parking_lot::Mutex;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+use crate::protocol::Format;
+use crate::ws::{self, close};
+
+/// What happened to one frame handed to [`Peer::send`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// Written to the socket (or queued behind earlier bytes).
+    Delivered,
+    /// This frame overflowed the queue: the client is now being closed as a slow consumer.
+    SlowConsumer,
+    /// The connection is closing or gone; the frame was dropped.
+    Closed,
+}
+
+/// Why and how a connection is being closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Closing {
+    pub code: u16,
+    /// Graceful closes send queued messages first; others discard them.
+    pub graceful: bool,
+}
+
+pub struct Peer {
+    /// Connection id, unique across the cluster (`<node>-<seq>`).
+    pub id: Arc<str>,
+    /// Node-local sequence number, the key of the hub's registry.
+    pub seq: u64,
+    pub format: Format,
+    /// Shared between the connection task (reads, drains) and the fan-out (writes).
+    pub socket: TcpStream,
+    /// Wakes the connection task: bytes were queued, or a close was requested.
+    pub wake: Notify,
+    /// Milliseconds since the hub's epoch when the client last sent anything.
+    last_seen: AtomicU64,
+    queue_limit: usize,
+    out: Mutex<Outbox>,
+}
+
+#[derive(Default)]
+struct Outbox {
+    queue: VecDeque<Bytes>,
+    queued: usize,
+    closing: Option<Closing>,
+    /// The socket failed; everything is dropped from now on.
+    broken: bool,
+}
+
+impl Outbox {
+    fn push(&mut self, frame: Bytes) {
+        self.queued += frame.len();
+        self.queue.push_back(frame);
+    }
+}
+
+impl Peer {
+    pub fn new(
+        id: Arc<str>,
+        seq: u64,
+        format: Format,
+        socket: TcpStream,
+        queue_limit: usize,
+        now_ms: u64,
+    ) -> Self {
+        Peer {
+            id,
+            seq,
+            format,
+            socket,
+            wake: Notify::new(),
+            last_seen: AtomicU64::new(now_ms),
+            queue_limit,
+            out: Mutex::new(Outbox::default()),
+        }
+    }
+
+    /// Hand one complete frame to this client. Never blocks.
+    pub fn send(&self, frame: &Bytes) -> Sent {
+        let mut out = self.out.lock();
+        if out.closing.is_some() || out.broken {
+            return Sent::Closed;
+        }
+        if out.queued + frame.len() > self.queue_limit && !out.queue.is_empty() {
+            out.queue.clear();
+            out.queued = 0;
+            out.closing = Some(Closing {
+                code: close::SLOW_CONSUMER,
+                graceful: false,
+            });
+            out.push(ws::close_frame(close::SLOW_CONSUMER, "slow consumer"));
+            drop(out);
+            self.wake.notify_one();
+            return Sent::SlowConsumer;
+        }
+        self.write_or_queue(&mut out, frame);
+        Sent::Delivered
+    }
+
+    /// Write directly when nothing is queued; queue what the socket did not take.
+    fn write_or_queue(&self, out: &mut Outbox, frame: &Bytes) {
+        if !out.queue.is_empty() {
+            out.push(frame.clone());
+            return;
+        }
+        match self.socket.try_write(frame) {
+            Ok(n) if n == frame.len() => return,
+            Ok(n) => out.push(frame.slice(n..)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => out.push(frame.clone()),
+            Err(_) => out.broken = true,
+        }
+        self.wake.notify_one();
+    }
+
+    /// Start closing: the close frame goes out (after queued messages when
+    /// graceful), then the connection task ends the connection. Idempotent.
+    pub fn close(&self, code: u16, reason: &str, graceful: bool) {
+        let mut out = self.out.lock();
+        if out.closing.is_some() || out.broken {
+            return;
+        }
+        if !graceful {
+            out.queue.clear();
+            out.queued = 0;
+        }
+        out.closing = Some(Closing { code, graceful });
+        self.write_or_queue(&mut out, &ws::close_frame(code, reason));
+        drop(out);
+        self.wake.notify_one();
+    }
+
+    /// The close in progress, if any.
+    pub fn closing(&self) -> Option<Closing> {
+        self.out.lock().closing
+    }
+
+    /// Write queued bytes until the queue is empty (`Ok(true)`) or the socket
+    /// would block (`Ok(false)`: wait for writability and call again).
+    pub fn flush(&self) -> io::Result<bool> {
+        let mut out = self.out.lock();
+        if out.broken {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
+        while !out.queue.is_empty() {
+            let written = {
+                let slices: Vec<IoSlice<'_>> =
+                    out.queue.iter().take(64).map(|b| IoSlice::new(b)).collect();
+                match self.socket.try_write_vectored(&slices) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                    Err(e) => {
+                        out.broken = true;
+                        return Err(e);
+                    }
+                }
+            };
+            out.queued -= written;
+            let mut left = written;
+            while left > 0 {
+                let Some(front) = out.queue.front_mut() else {
+                    break;
+                };
+                if front.len() <= left {
+                    left -= front.len();
+                    out.queue.pop_front();
+                } else {
+                    front.advance(left);
+                    left = 0;
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    pub fn touch(&self, now_ms: u64) {
+        self.last_seen.store(now_ms, Ordering::Relaxed);
+    }
+
+    pub fn last_seen(&self) -> u64 {
+        self.last_seen.load(Ordering::Relaxed)
+    }
+}

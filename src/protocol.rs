@@ -1,0 +1,477 @@
+//! The wire protocol (v1): JSON frames between clients and the gateway, and
+//! the envelope that travels between gateway nodes on the bus. No I/O here.
+//!
+//! See `docs/protocol.md` for the user-facing description. Invariants:
+//! - a bus envelope is turned into outgoing frames once per node
+//!   ([`Outgoing::from_envelope`]), never once per socket;
+//! - the room of a delivered message is the bus channel it arrived on, never
+//!   a field of the payload, so a publisher cannot spoof another room.
+
+use std::borrow::Cow;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::ws;
+
+/// Longest room name, in bytes.
+pub const MAX_ROOM_LEN: usize = 128;
+/// Longest event name, in bytes.
+pub const MAX_EVENT_LEN: usize = 128;
+
+/// `true` for 1–128 characters of `A–Z a–z 0–9 _ - . : @`.
+pub fn valid_room(room: &str) -> bool {
+    !room.is_empty()
+        && room.len() <= MAX_ROOM_LEN
+        && room
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.:@".contains(&b))
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// How a connection speaks: JSON envelopes, or raw frames in one room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Raw,
+}
+
+/// The stable error codes of `{"op":"error"}` frames (and HTTP error bodies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    BadFrame,
+    UnknownOp,
+    BadRoom,
+    NotJoined,
+    TooManyRooms,
+    Unavailable,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadFrame => "bad_frame",
+            ErrorCode::UnknownOp => "unknown_op",
+            ErrorCode::BadRoom => "bad_room",
+            ErrorCode::NotJoined => "not_joined",
+            ErrorCode::TooManyRooms => "too_many_rooms",
+            ErrorCode::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// A rejected client frame: the code, a human message, and the frame's id if it had one.
+#[derive(Debug)]
+pub struct Rejection {
+    pub id: Option<u64>,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Rejection {
+    pub fn new(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> Self {
+        Rejection {
+            id,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// A client → server JSON frame, borrowed from the received text.
+#[derive(Debug, Deserialize)]
+pub struct ClientFrame<'a> {
+    #[serde(borrow, default)]
+    pub op: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub room: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub event: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub data: Option<&'a RawValue>,
+    #[serde(default)]
+    pub id: Option<u64>,
+}
+
+/// The operations a JSON client may ask for.
+#[derive(Debug)]
+pub enum Request<'a> {
+    Join {
+        room: Cow<'a, str>,
+    },
+    Leave {
+        room: Cow<'a, str>,
+    },
+    Send {
+        room: Cow<'a, str>,
+        event: Cow<'a, str>,
+        data: &'a RawValue,
+    },
+    Ping,
+}
+
+/// Parse and check one JSON text frame. Room names are validated here;
+/// membership and limits are the connection's business.
+pub fn parse_request(text: &str) -> Result<(Option<u64>, Request<'_>), Rejection> {
+    if !text.trim_start().starts_with('{') {
+        return Err(Rejection::new(
+            None,
+            ErrorCode::BadFrame,
+            "a frame must be a JSON object",
+        ));
+    }
+    let frame: ClientFrame = serde_json::from_str(text).map_err(|e| {
+        #[derive(Deserialize)]
+        struct IdOnly {
+            id: Option<u64>,
+        }
+        let id = serde_json::from_str::<IdOnly>(text).ok().and_then(|f| f.id);
+        Rejection::new(id, ErrorCode::BadFrame, format!("invalid frame: {e}"))
+    })?;
+    let id = frame.id;
+    let op = frame
+        .op
+        .ok_or_else(|| Rejection::new(id, ErrorCode::BadFrame, "missing field `op`"))?;
+    fn checked_room(
+        id: Option<u64>,
+        room: Option<Cow<'_, str>>,
+    ) -> Result<Cow<'_, str>, Rejection> {
+        let room =
+            room.ok_or_else(|| Rejection::new(id, ErrorCode::BadFrame, "missing field `room`"))?;
+        if !valid_room(&room) {
+            return Err(Rejection::new(
+                id,
+                ErrorCode::BadRoom,
+                "room names are 1-128 characters of A-Z a-z 0-9 _ - . : @",
+            ));
+        }
+        Ok(room)
+    }
+    let room = |room| checked_room(id, room);
+    let request = match op.as_ref() {
+        "join" => Request::Join {
+            room: room(frame.room)?,
+        },
+        "leave" => Request::Leave {
+            room: room(frame.room)?,
+        },
+        "send" => {
+            let room = room(frame.room)?;
+            let event = frame
+                .event
+                .ok_or_else(|| Rejection::new(id, ErrorCode::BadFrame, "missing field `event`"))?;
+            if event.is_empty() || event.len() > MAX_EVENT_LEN {
+                return Err(Rejection::new(
+                    id,
+                    ErrorCode::BadFrame,
+                    "`event` must be 1-128 bytes",
+                ));
+            }
+            let data = frame.data.unwrap_or(RawValue::NULL);
+            Request::Send { room, event, data }
+        }
+        "ping" => Request::Ping,
+        other => {
+            return Err(Rejection::new(
+                id,
+                ErrorCode::UnknownOp,
+                format!("unknown op {other:?}; expected join, leave, send or ping"),
+            ))
+        }
+    };
+    Ok((id, request))
+}
+
+// ---- server → client frames (each returns a complete WebSocket text frame) ----
+
+fn text<T: Serialize>(value: &T) -> Bytes {
+    // Serializing these plain structs cannot fail: no maps with non-string keys, no I/O.
+    let json = serde_json::to_vec(value).unwrap_or_default();
+    ws::text_frame(&json)
+}
+
+pub fn welcome_frame(conn: &str, node: &str) -> Bytes {
+    #[derive(Serialize)]
+    struct Welcome<'a> {
+        op: &'static str,
+        conn: &'a str,
+        node: &'a str,
+    }
+    text(&Welcome {
+        op: "welcome",
+        conn,
+        node,
+    })
+}
+
+pub fn ack_frame(id: u64) -> Bytes {
+    #[derive(Serialize)]
+    struct Ack {
+        op: &'static str,
+        id: u64,
+    }
+    text(&Ack { op: "ack", id })
+}
+
+pub fn pong_frame(id: Option<u64>) -> Bytes {
+    #[derive(Serialize)]
+    struct Pong {
+        op: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+    }
+    text(&Pong { op: "pong", id })
+}
+
+pub fn error_frame(rejection: &Rejection) -> Bytes {
+    #[derive(Serialize)]
+    struct Error<'a> {
+        op: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        code: &'static str,
+        message: &'a str,
+    }
+    text(&Error {
+        op: "error",
+        id: rejection.id,
+        code: rejection.code.as_str(),
+        message: &rejection.message,
+    })
+}
+
+/// `{"error":{"code":…,"message":…}}`, the body of every HTTP error.
+pub fn http_error_body(code: &str, message: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({"error": {"code": code, "message": message}}))
+        .unwrap_or_default()
+}
+
+// ---- the bus envelope ----
+
+/// What travels on the bus for one message: the payload of a Redis PUBLISH
+/// to `<prefix>room:<room>`. Backends may publish it themselves; only
+/// `event` and `data` are required.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Envelope<'a> {
+    #[serde(borrow)]
+    pub event: Cow<'a, str>,
+    #[serde(borrow, default)]
+    pub from: Cow<'a, str>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ts: Option<u64>,
+    #[serde(borrow)]
+    pub data: &'a RawValue,
+    /// Set for raw-mode sends: `"text"` (data is the text) or `"binary"` (data is base64).
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub raw: Option<Cow<'a, str>>,
+}
+
+/// Encode the envelope of a JSON-mode `send`.
+pub fn json_envelope(event: &str, from: &str, data: &RawValue) -> Bytes {
+    let env = Envelope {
+        event: Cow::Borrowed(event),
+        from: Cow::Borrowed(from),
+        ts: Some(now_ms()),
+        data,
+        raw: None,
+    };
+    Bytes::from(serde_json::to_vec(&env).unwrap_or_default())
+}
+
+/// Encode the envelope of a raw-mode frame (text or binary).
+pub fn raw_envelope(from: &str, payload: &[u8], binary: bool) -> Bytes {
+    let data = if binary {
+        serde_json::value::to_raw_value(&base64::engine::general_purpose::STANDARD.encode(payload))
+    } else {
+        // Raw text frames were UTF-8 validated by the frame reader.
+        serde_json::value::to_raw_value(&String::from_utf8_lossy(payload))
+    };
+    let Ok(data) = data else {
+        return Bytes::new();
+    };
+    let env = Envelope {
+        event: Cow::Borrowed("message"),
+        from: Cow::Borrowed(from),
+        ts: Some(now_ms()),
+        data: &data,
+        raw: Some(Cow::Borrowed(if binary { "binary" } else { "text" })),
+    };
+    Bytes::from(serde_json::to_vec(&env).unwrap_or_default())
+}
+
+/// A message ready to go out: complete WebSocket frames, built once per node
+/// and shared by every local recipient.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// For JSON-mode clients: the `msg` frame.
+    pub json: Bytes,
+    /// For raw-mode clients: the original bytes of a raw send, or the `msg` frame's text.
+    pub raw: Bytes,
+}
+
+/// Why a bus payload could not be delivered.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("invalid envelope: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("invalid envelope: raw binary data is not base64")]
+    Base64,
+    #[error("invalid envelope: `raw` must be \"text\" or \"binary\"")]
+    RawKind,
+}
+
+impl Outgoing {
+    pub fn from_envelope(room: &str, payload: &[u8]) -> Result<Outgoing, EnvelopeError> {
+        let env: Envelope = serde_json::from_slice(payload)?;
+        #[derive(Serialize)]
+        struct Msg<'a> {
+            op: &'static str,
+            room: &'a str,
+            event: &'a str,
+            from: &'a str,
+            ts: u64,
+            data: &'a RawValue,
+            #[serde(skip_serializing_if = "std::ops::Not::not")]
+            binary: bool,
+        }
+        let binary = match env.raw.as_deref() {
+            None | Some("text") => false,
+            Some("binary") => true,
+            Some(_) => return Err(EnvelopeError::RawKind),
+        };
+        let msg = serde_json::to_vec(&Msg {
+            op: "msg",
+            room,
+            event: &env.event,
+            from: &env.from,
+            ts: env.ts.unwrap_or_else(now_ms),
+            data: env.data,
+            binary,
+        })?;
+        let json = ws::text_frame(&msg);
+        let raw = match env.raw.as_deref() {
+            None => json.clone(),
+            Some("text") => {
+                let text: Cow<str> = serde_json::from_str(env.data.get())?;
+                ws::text_frame(text.as_bytes())
+            }
+            _ => {
+                let b64: Cow<str> = serde_json::from_str(env.data.get())?;
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(b64.as_bytes())
+                    .map_err(|_| EnvelopeError::Base64)?;
+                ws::binary_frame(&bytes)
+            }
+        };
+        Ok(Outgoing { json, raw })
+    }
+
+    pub fn frame_for(&self, format: Format) -> &Bytes {
+        match format {
+            Format::Json => &self.json,
+            Format::Raw => &self.raw,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload(frame: &Bytes) -> &str {
+        let (_, payload) = ws::split_server_frame(frame).unwrap();
+        std::str::from_utf8(payload).unwrap()
+    }
+
+    #[test]
+    fn room_names() {
+        assert!(valid_room("lobby"));
+        assert!(valid_room("a.b:c@d_e-f"));
+        assert!(valid_room(&"x".repeat(128)));
+        assert!(!valid_room(""));
+        assert!(!valid_room(&"x".repeat(129)));
+        assert!(!valid_room("has space"));
+        assert!(!valid_room("slash/"));
+    }
+
+    #[test]
+    fn requests_parse_and_reject_with_codes() {
+        let (id, req) = parse_request(
+            r#"{"op":"send","room":"r1","event":"danmaku","data":{"t":"hi"},"id":9}"#,
+        )
+        .unwrap();
+        assert_eq!(id, Some(9));
+        match req {
+            Request::Send { room, event, data } => {
+                assert_eq!(room, "r1");
+                assert_eq!(event, "danmaku");
+                assert_eq!(data.get(), r#"{"t":"hi"}"#);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let code = |t: &str| parse_request(t).unwrap_err();
+        assert_eq!(code("nope").code, ErrorCode::BadFrame);
+        assert_eq!(code("[1,2]").code, ErrorCode::BadFrame);
+        assert_eq!(code(r#"{"room":"r1","id":3}"#).id, Some(3));
+        assert_eq!(code(r#"{"op":"fly","id":4}"#).code, ErrorCode::UnknownOp);
+        assert_eq!(
+            code(r#"{"op":"join","room":"a b","id":5}"#).code,
+            ErrorCode::BadRoom
+        );
+        let bad_type = code(r#"{"op":"join","room":7,"id":6}"#);
+        assert_eq!((bad_type.code, bad_type.id), (ErrorCode::BadFrame, Some(6)));
+    }
+
+    #[test]
+    fn json_send_reaches_json_and_raw_clients_as_the_msg_frame() {
+        let data = serde_json::value::to_raw_value(&serde_json::json!({"t": "hi"})).unwrap();
+        let env = json_envelope("danmaku", "c1", &data);
+        let out = Outgoing::from_envelope("r1", &env).unwrap();
+        let v: serde_json::Value = serde_json::from_str(payload(&out.json)).unwrap();
+        assert_eq!(v["op"], "msg");
+        assert_eq!(v["room"], "r1");
+        assert_eq!(v["event"], "danmaku");
+        assert_eq!(v["from"], "c1");
+        assert_eq!(v["data"]["t"], "hi");
+        assert!(v["ts"].as_u64().unwrap() > 0);
+        assert_eq!(out.raw, out.json);
+    }
+
+    #[test]
+    fn raw_sends_round_trip_byte_for_byte() {
+        let out = Outgoing::from_envelope("r", &raw_envelope("c", "héllo \"q\"".as_bytes(), false))
+            .unwrap();
+        assert_eq!(payload(&out.raw), "héllo \"q\"");
+        let v: serde_json::Value = serde_json::from_str(payload(&out.json)).unwrap();
+        assert_eq!(v["data"], "héllo \"q\"");
+        assert_eq!(v["event"], "message");
+
+        let bin = [0u8, 159, 146, 150, 255];
+        let out = Outgoing::from_envelope("r", &raw_envelope("c", &bin, true)).unwrap();
+        let (opcode, body) = ws::split_server_frame(&out.raw).unwrap();
+        assert_eq!(opcode, ws::OPCODE_BINARY);
+        assert_eq!(body, bin);
+        let v: serde_json::Value = serde_json::from_str(payload(&out.json)).unwrap();
+        assert_eq!(v["binary"], true);
+    }
+
+    #[test]
+    fn backend_envelopes_need_only_event_and_data() {
+        let out = Outgoing::from_envelope("r", br#"{"event":"live","data":[1,2]}"#).unwrap();
+        let v: serde_json::Value = serde_json::from_str(payload(&out.json)).unwrap();
+        assert_eq!(v["event"], "live");
+        assert_eq!(v["from"], "");
+        assert!(Outgoing::from_envelope("r", b"not json").is_err());
+        assert!(Outgoing::from_envelope("r", br#"{"event":"x"}"#).is_err());
+    }
+}
