@@ -74,6 +74,8 @@ pub async fn serve(gw: Arc<Gateway>, accepted: Accepted) {
         close_done: false,
     };
     conn.run().await;
+    // End the TCP connection now, even if a fan-out still holds the peer for a moment.
+    let _ = socket2::SockRef::from(&peer.socket).shutdown(std::net::Shutdown::Both);
     for room in &conn.rooms {
         gw.hub.leave(room, &peer);
     }
@@ -154,7 +156,7 @@ impl Conn {
                 Ok(_) => {
                     self.peer.touch(self.gw.hub.now_ms());
                     loop {
-                        match self.reader.next() {
+                        match self.reader.next_message() {
                             Ok(Some(msg)) => {
                                 if let Flow::Stop = self.handle(msg).await {
                                     return Flow::Stop;

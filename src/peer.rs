@@ -69,12 +69,29 @@ struct Outbox {
     closing: Option<Closing>,
     /// The socket failed; everything is dropped from now on.
     broken: bool,
+    /// The front of the queue is the rest of a frame whose start is already
+    /// on the wire: it must go out whole, or the stream is corrupt.
+    front_started: bool,
 }
 
 impl Outbox {
     fn push(&mut self, frame: Bytes) {
         self.queued += frame.len();
         self.queue.push_back(frame);
+    }
+
+    /// Drop every queued frame except a partly written one.
+    fn discard(&mut self) {
+        let keep = if self.front_started {
+            self.queue.pop_front()
+        } else {
+            None
+        };
+        self.queue.clear();
+        self.queued = 0;
+        if let Some(front) = keep {
+            self.push(front);
+        }
     }
 }
 
@@ -106,8 +123,7 @@ impl Peer {
             return Sent::Closed;
         }
         if out.queued + frame.len() > self.queue_limit && !out.queue.is_empty() {
-            out.queue.clear();
-            out.queued = 0;
+            out.discard();
             out.closing = Some(Closing {
                 code: close::SLOW_CONSUMER,
                 graceful: false,
@@ -129,8 +145,14 @@ impl Peer {
         }
         match self.socket.try_write(frame) {
             Ok(n) if n == frame.len() => return,
-            Ok(n) => out.push(frame.slice(n..)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => out.push(frame.clone()),
+            Ok(n) => {
+                out.front_started = n > 0;
+                out.push(frame.slice(n..));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                out.front_started = false;
+                out.push(frame.clone());
+            }
             Err(_) => out.broken = true,
         }
         self.wake.notify_one();
@@ -144,8 +166,7 @@ impl Peer {
             return;
         }
         if !graceful {
-            out.queue.clear();
-            out.queued = 0;
+            out.discard();
         }
         out.closing = Some(Closing { code, graceful });
         self.write_or_queue(&mut out, &ws::close_frame(code, reason));

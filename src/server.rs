@@ -110,7 +110,7 @@ async fn close_spread(gw: &Gateway, drain: Duration) {
     let peers = gw.hub.peers();
     let start = Instant::now();
     let n = peers.len().max(1) as f64;
-    for (i, peer) in peers.iter().enumerate() {
+    for (i, peer) in peers.into_iter().enumerate() {
         let at = start + drain.mul_f64(i as f64 / n);
         if at > Instant::now() + Duration::from_millis(1) {
             tokio::time::sleep_until(at).await;
@@ -234,7 +234,10 @@ fn header_has(req: &Request<Incoming>, name: header::HeaderName, token: &str) ->
 }
 
 /// Query parameters of `/ws`: rooms (validated, deduplicated) and format.
-fn ws_params(gw: &Gateway, query: &str) -> Result<(Format, Vec<String>), Response<Body>> {
+/// An HTTP error before the upgrade: status, code, message.
+struct Refusal(StatusCode, &'static str, String);
+
+fn ws_params(gw: &Gateway, query: &str) -> Result<(Format, Vec<String>), Refusal> {
     let mut format = Format::Json;
     let mut rooms: Vec<String> = Vec::new();
     let mut seen = HashSet::new();
@@ -242,10 +245,10 @@ fn ws_params(gw: &Gateway, query: &str) -> Result<(Format, Vec<String>), Respons
         match key.as_ref() {
             "room" => {
                 if !valid_room(&value) {
-                    return Err(error(
+                    return Err(Refusal(
                         StatusCode::BAD_REQUEST,
                         "bad_room",
-                        "room names are 1-128 characters of A-Z a-z 0-9 _ - . : @",
+                        "room names are 1-128 characters of A-Z a-z 0-9 _ - . : @".into(),
                     ));
                 }
                 if seen.insert(value.to_string()) {
@@ -257,10 +260,10 @@ fn ws_params(gw: &Gateway, query: &str) -> Result<(Format, Vec<String>), Respons
                     "json" => Format::Json,
                     "raw" => Format::Raw,
                     _ => {
-                        return Err(error(
+                        return Err(Refusal(
                             StatusCode::BAD_REQUEST,
                             "bad_request",
-                            "format must be \"json\" or \"raw\"",
+                            "format must be \"json\" or \"raw\"".into(),
                         ))
                     }
                 }
@@ -270,17 +273,17 @@ fn ws_params(gw: &Gateway, query: &str) -> Result<(Format, Vec<String>), Respons
     }
     let max = gw.config.limits.max_rooms_per_connection;
     if rooms.len() > max {
-        return Err(error(
+        return Err(Refusal(
             StatusCode::BAD_REQUEST,
             "too_many_rooms",
-            &format!("a connection may join at most {max} rooms"),
+            format!("a connection may join at most {max} rooms"),
         ));
     }
     if format == Format::Raw && rooms.len() != 1 {
-        return Err(error(
+        return Err(Refusal(
             StatusCode::BAD_REQUEST,
             "bad_request",
-            "raw mode needs exactly one room parameter",
+            "raw mode needs exactly one room parameter".into(),
         ));
     }
     Ok((format, rooms))
@@ -324,7 +327,7 @@ async fn upgrade(
     }
     let (format, rooms) = match ws_params(&gw, req.uri().query().unwrap_or("")) {
         Ok(params) => params,
-        Err(resp) => return resp,
+        Err(Refusal(status, code, message)) => return error(status, code, &message),
     };
     // Subscribe the rooms before answering, so the client receives every
     // message published after it sees the handshake complete.

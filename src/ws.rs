@@ -153,7 +153,7 @@ impl FrameReader {
     }
 
     /// The next complete message, `Ok(None)` if more bytes are needed.
-    pub fn next(&mut self) -> Result<Option<Incoming>, FrameError> {
+    pub fn next_message(&mut self) -> Result<Option<Incoming>, FrameError> {
         loop {
             let mut cursor = Cursor::new(&self.buf[..]);
             let Some((header, len)) = FrameHeader::parse(&mut cursor)
@@ -287,15 +287,15 @@ mod tests {
     fn reads_masked_text_split_across_reads() {
         let frame = client_frame(true, OPCODE_TEXT, b"hello, room with a longer text");
         let mut r = reader(&frame[..5]);
-        assert_eq!(r.next(), Ok(None));
+        assert_eq!(r.next_message(), Ok(None));
         r.read_buf().extend_from_slice(&frame[5..]);
         assert_eq!(
-            r.next(),
+            r.next_message(),
             Ok(Some(Incoming::Text(Bytes::from_static(
                 b"hello, room with a longer text"
             ))))
         );
-        assert_eq!(r.next(), Ok(None));
+        assert_eq!(r.next_message(), Ok(None));
         r.release_if_idle();
         assert_eq!(r.buf.capacity(), 0);
     }
@@ -306,9 +306,12 @@ mod tests {
         bytes.extend(client_frame(true, OPCODE_PING, b"p"));
         bytes.extend(client_frame(true, 0x0, b"lo"));
         let mut r = reader(&bytes);
-        assert_eq!(r.next(), Ok(Some(Incoming::Ping(Bytes::from_static(b"p")))));
         assert_eq!(
-            r.next(),
+            r.next_message(),
+            Ok(Some(Incoming::Ping(Bytes::from_static(b"p"))))
+        );
+        assert_eq!(
+            r.next_message(),
             Ok(Some(Incoming::Text(Bytes::from_static(b"hello"))))
         );
     }
@@ -317,27 +320,30 @@ mod tests {
     fn enforces_the_rules_with_close_codes() {
         let too_big = client_frame(true, OPCODE_BINARY, &[0; 2000]);
         assert_eq!(
-            reader(&too_big[..8]).next().unwrap_err().close_code(),
+            reader(&too_big[..8])
+                .next_message()
+                .unwrap_err()
+                .close_code(),
             close::TOO_BIG
         );
         let bad_utf8 = client_frame(true, OPCODE_TEXT, &[0xff, 0xfe]);
         assert_eq!(
-            reader(&bad_utf8).next().unwrap_err().close_code(),
+            reader(&bad_utf8).next_message().unwrap_err().close_code(),
             close::INVALID_PAYLOAD
         );
         let unmasked = [0x81, 0x01, b'a'];
         assert_eq!(
-            reader(&unmasked).next().unwrap_err().close_code(),
+            reader(&unmasked).next_message().unwrap_err().close_code(),
             close::PROTOCOL_ERROR
         );
         let orphan = client_frame(true, 0x0, b"x");
         assert_eq!(
-            reader(&orphan).next().unwrap_err().close_code(),
+            reader(&orphan).next_message().unwrap_err().close_code(),
             close::PROTOCOL_ERROR
         );
         let reserved = client_frame(true, 0x3, b"x");
         assert_eq!(
-            reader(&reserved).next().unwrap_err().close_code(),
+            reader(&reserved).next_message().unwrap_err().close_code(),
             close::PROTOCOL_ERROR
         );
     }
@@ -345,7 +351,10 @@ mod tests {
     #[test]
     fn close_frames_carry_the_code() {
         let frame = client_frame(true, OPCODE_CLOSE, &[0x03, 0xe8, b'b', b'y', b'e']);
-        assert_eq!(reader(&frame).next(), Ok(Some(Incoming::Close(Some(1000)))));
+        assert_eq!(
+            reader(&frame).next_message(),
+            Ok(Some(Incoming::Close(Some(1000))))
+        );
     }
 
     #[test]

@@ -1,0 +1,254 @@
+//! JSON mode end to end on one node (embedded bus).
+
+use futures::SinkExt;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::util::*;
+
+#[tokio::test]
+async fn clients_in_a_room_see_each_others_messages_including_their_own() {
+    let node = Node::ready(config(&[])).await;
+    let (mut a, a_id) = Client::json(&node, &["lobby"]).await;
+    let (mut b, _) = Client::json(&node, &["lobby"]).await;
+
+    let (reply, early) = a
+        .request(
+            send_frame(
+                "lobby",
+                "danmaku",
+                json!({"text": "hello", "color": "#fff"}),
+            ),
+            9,
+        )
+        .await;
+    assert_eq!(reply, json!({"op": "ack", "id": 9}));
+
+    let mut got_a = early.into_iter().next();
+    if got_a.is_none() {
+        got_a = Some(a.recv_json().await);
+    }
+    for msg in [got_a.unwrap(), b.recv_json().await] {
+        assert_eq!(msg["op"], "msg");
+        assert_eq!(msg["room"], "lobby");
+        assert_eq!(msg["event"], "danmaku");
+        assert_eq!(msg["from"], a_id.as_str());
+        assert_eq!(msg["data"], json!({"text": "hello", "color": "#fff"}));
+        let ts = msg["ts"].as_u64().expect("ts is unix ms");
+        assert!(
+            ts > 1_600_000_000_000,
+            "ts {ts} should be unix milliseconds"
+        );
+    }
+}
+
+#[tokio::test]
+async fn welcome_names_the_connection_and_the_node() {
+    let node = Node::ready(config(&[("ROOMCAST__NODE__ID", "edge-7")])).await;
+    let mut c = Client::connect(&node.ws_url("room=r1")).await;
+    let welcome = c.recv_json().await;
+    assert_eq!(welcome["op"], "welcome");
+    assert_eq!(welcome["node"], "edge-7");
+    assert!(welcome["conn"].as_str().unwrap().starts_with("edge-7-"));
+}
+
+#[tokio::test]
+async fn join_and_leave_decide_what_a_client_receives() {
+    let node = Node::ready(config(&[])).await;
+    let (mut a, _) = Client::json(&node, &[]).await;
+    let (mut b, _) = Client::json(&node, &["r1", "r2"]).await;
+
+    assert_eq!(
+        a.request(json!({"op": "join", "room": "r1"}), 1).await.0,
+        json!({"op":"ack","id":1})
+    );
+    b.request(send_frame("r1", "comment", json!("first")), 2)
+        .await;
+    assert_eq!(a.recv_json().await["data"], "first");
+
+    assert_eq!(
+        a.request(json!({"op": "leave", "room": "r1"}), 3).await.0,
+        json!({"op":"ack","id":3})
+    );
+    assert_eq!(
+        a.request(json!({"op": "join", "room": "r2"}), 4).await.0,
+        json!({"op":"ack","id":4})
+    );
+    // Sent in this order; a must get only the r2 one.
+    b.request(send_frame("r1", "comment", json!("not for a")), 5)
+        .await;
+    b.request(send_frame("r2", "comment", json!("for a")), 6)
+        .await;
+    let next = a.recv_json().await;
+    assert_eq!(
+        (next["room"].as_str(), next["data"].as_str()),
+        (Some("r2"), Some("for a"))
+    );
+}
+
+#[tokio::test]
+async fn ping_op_answers_pong_with_the_id() {
+    let node = Node::ready(config(&[])).await;
+    let (mut c, _) = Client::json(&node, &[]).await;
+    c.send_json(json!({"op": "ping", "id": 10})).await;
+    assert_eq!(c.recv_json().await, json!({"op": "pong", "id": 10}));
+}
+
+#[tokio::test]
+async fn bad_requests_get_error_frames_with_stable_codes_and_the_connection_stays_usable() {
+    let node = Node::ready(config(&[(
+        "ROOMCAST__LIMITS__MAX_ROOMS_PER_CONNECTION",
+        "2",
+    )]))
+    .await;
+    let (mut c, _) = Client::json(&node, &["r1"]).await;
+
+    let error = |code: &str, id: Option<u64>| (code.to_string(), id);
+    let check = |frame: serde_json::Value, expected: (String, Option<u64>)| {
+        assert_eq!(frame["op"], "error", "{frame}");
+        assert_eq!(frame["code"], expected.0.as_str(), "{frame}");
+        assert_eq!(frame["id"].as_u64(), expected.1, "{frame}");
+        assert!(
+            frame["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{frame}"
+        );
+    };
+
+    c.send(Message::text("this is not json")).await;
+    check(c.recv_json().await, error("bad_frame", None));
+    c.send(Message::text("[1,2,3]")).await;
+    check(c.recv_json().await, error("bad_frame", None));
+    c.send_json(json!({"room": "r1", "id": 1})).await;
+    check(c.recv_json().await, error("bad_frame", Some(1)));
+    c.send_json(json!({"op": "send", "room": "r1", "data": 1, "id": 2}))
+        .await;
+    check(c.recv_json().await, error("bad_frame", Some(2)));
+    c.send(Message::binary(vec![1u8, 2, 3])).await;
+    check(c.recv_json().await, error("bad_frame", None));
+    c.send_json(json!({"op": "teleport", "id": 3})).await;
+    check(c.recv_json().await, error("unknown_op", Some(3)));
+    for bad in ["", "has space", "slash/", &"x".repeat(129)] {
+        c.send_json(json!({"op": "join", "room": bad, "id": 4}))
+            .await;
+        check(c.recv_json().await, error("bad_room", Some(4)));
+    }
+    c.send_json(send_frame("elsewhere", "comment", json!(1)))
+        .await;
+    check(c.recv_json().await, error("not_joined", None));
+    c.send_json(json!({"op": "leave", "room": "elsewhere", "id": 5}))
+        .await;
+    check(c.recv_json().await, error("not_joined", Some(5)));
+    assert_eq!(
+        c.request(json!({"op": "join", "room": "r2"}), 6).await.0["op"],
+        "ack"
+    );
+    c.send_json(json!({"op": "join", "room": "r3", "id": 7}))
+        .await;
+    check(c.recv_json().await, error("too_many_rooms", Some(7)));
+
+    // Still usable after all of that.
+    let (ack, _) = c
+        .request(send_frame("r1", "comment", json!("still here")), 8)
+        .await;
+    assert_eq!(ack, json!({"op": "ack", "id": 8}));
+    assert_eq!(c.recv_json().await["data"], "still here");
+
+    let errors = node.get("/metrics").await.1;
+    assert_eq!(
+        metric_value(&errors, "roomcast_client_errors_total{code=\"bad_room\"}"),
+        Some(4.0)
+    );
+}
+
+#[tokio::test]
+async fn oversize_message_closes_with_1009_and_the_room_carries_on() {
+    let node = Node::ready(config(&[("ROOMCAST__LIMITS__MAX_MESSAGE_BYTES", "1024")])).await;
+    let (mut big, _) = Client::json(&node, &["r"]).await;
+    let (mut other, _) = Client::json(&node, &["r"]).await;
+    big.send(Message::text("x".repeat(2000))).await;
+    assert_eq!(big.closed().await, 1009);
+    let (ack, _) = other
+        .request(send_frame("r", "comment", json!("fine")), 1)
+        .await;
+    assert_eq!(ack["op"], "ack");
+    assert_eq!(other.recv_json().await["data"], "fine");
+}
+
+#[tokio::test]
+async fn invalid_utf8_closes_with_1007() {
+    let node = Node::ready(config(&[])).await;
+    let (mut c, _) = Client::json(&node, &["r"]).await;
+    let frame = Frame::message(vec![0xffu8, 0xfe, 0xfd], OpCode::Data(Data::Text), true);
+    c.ws.send(Message::Frame(frame))
+        .await
+        .expect("send raw frame");
+    assert_eq!(c.closed().await, 1007);
+}
+
+#[tokio::test]
+async fn bad_handshakes_get_http_errors_with_json_bodies() {
+    let node = Node::ready(config(&[(
+        "ROOMCAST__LIMITS__MAX_ROOMS_PER_CONNECTION",
+        "2",
+    )]))
+    .await;
+    let cases = [
+        ("/ws?room=a%20b", 400, "bad_room"),
+        ("/ws?room=a&room=b&room=c", 400, "too_many_rooms"),
+        ("/ws?room=a&room=b&format=raw", 400, "bad_request"),
+        ("/ws?format=raw", 400, "bad_request"),
+        ("/ws?room=a&format=xml", 400, "bad_request"),
+    ];
+    for (path, status, code) in cases {
+        let url = format!("ws://{}{path}", node.addr);
+        let err = tokio_tungstenite::connect_async(&url)
+            .await
+            .expect_err(path);
+        match err {
+            tokio_tungstenite::tungstenite::Error::Http(resp) => {
+                assert_eq!(resp.status().as_u16(), status, "{path}");
+                let body: serde_json::Value =
+                    serde_json::from_slice(resp.body().as_deref().unwrap_or_default())
+                        .expect("JSON body");
+                assert_eq!(body["error"]["code"], code, "{path}");
+            }
+            other => panic!("{path}: expected an HTTP error, got {other}"),
+        }
+    }
+    // Plain HTTP on /ws, and unknown paths.
+    let (status, body) = node.get("/ws?room=a").await;
+    assert_eq!(status, 426);
+    assert!(body.contains("not_websocket"));
+    let (status, body) = node.get("/nope").await;
+    assert_eq!((status, body.contains("not_found")), (404, true));
+}
+
+#[tokio::test]
+async fn http_publish_reaches_the_room() {
+    let node = Node::ready(config(&[])).await;
+    let (mut c, _) = Client::json(&node, &["live:42"]).await;
+    let (status, body) = node
+        .request(
+            "POST",
+            "/api/publish",
+            r#"{"room":"live:42","event":"notice","data":{"live":true}}"#,
+        )
+        .await;
+    assert_eq!((status, body.as_str()), (200, r#"{"ok":true}"#));
+    let msg = c.recv_json().await;
+    assert_eq!(
+        (msg["event"].clone(), msg["data"].clone()),
+        (json!("notice"), json!({"live": true}))
+    );
+
+    let (status, body) = node
+        .request("POST", "/api/publish", r#"{"room":"bad room","event":"x"}"#)
+        .await;
+    assert_eq!(status, 400);
+    assert!(body.contains("bad_room"), "{body}");
+    let (status, body) = node.request("POST", "/api/publish", "nope").await;
+    assert_eq!(status, 400);
+    assert!(body.contains("bad_frame"), "{body}");
+}

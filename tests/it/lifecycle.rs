@@ -1,0 +1,123 @@
+//! Heartbeats and graceful shutdown.
+
+use std::process::{Command, Stdio};
+
+use serde_json::json;
+
+use crate::util::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_client_is_closed_after_the_heartbeat_timeout_and_a_responsive_one_stays() {
+    let node = Node::ready(config(&[
+        ("ROOMCAST__HEARTBEAT__INTERVAL", "100ms"),
+        ("ROOMCAST__HEARTBEAT__TIMEOUT", "400ms"),
+    ]))
+    .await;
+    // tungstenite answers pings only while the stream is polled: `silent` is not polled.
+    let (mut silent, _) = Client::json(&node, &["r"]).await;
+    let (mut alive, _) = Client::json(&node, &["r"]).await;
+    let keepalive = tokio::spawn(async move {
+        // Poll (and so answer pings) until the test is satisfied, then hand the client back.
+        let mut pings = 0;
+        while pings < 8 {
+            use futures::StreamExt;
+            match alive.ws.next().await {
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Ping(_))) => pings += 1,
+                Some(Ok(other)) => panic!("unexpected {other:?}"),
+                _ => panic!("alive client lost its connection"),
+            }
+        }
+        alive
+    });
+    eventually("the silent client to time out", || async {
+        node.metric("roomcast_heartbeat_timeouts_total").await == 1.0
+    })
+    .await;
+    assert_eq!(silent.closed().await, 4002);
+    let mut alive = within("eight pings", keepalive)
+        .await
+        .expect("keepalive task");
+    let (ack, _) = alive
+        .request(send_frame("r", "comment", json!("still here")), 1)
+        .await;
+    assert_eq!(ack["op"], "ack");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_clients_with_1012_spread_over_the_drain_and_readyz_is_503_meanwhile() {
+    let mut node = Node::ready(config(&[("ROOMCAST__SHUTDOWN__DRAIN", "1s")])).await;
+    // Each client waits for its close frame and notes when it came.
+    let mut waiting = Vec::new();
+    for _ in 0..4 {
+        let mut c = Client::json(&node, &["r"]).await.0;
+        waiting.push(tokio::spawn(async move {
+            (c.closed().await, tokio::time::Instant::now())
+        }));
+    }
+    node.begin_shutdown();
+    node.wait_ready(503).await;
+    let (status, body) = node.get("/readyz").await;
+    assert_eq!(status, 503);
+    assert!(body.contains(r#""draining":true"#), "{body}");
+    // No new clients while draining.
+    let err = tokio_tungstenite::connect_async(node.ws_url("room=r"))
+        .await
+        .expect_err("refused");
+    match err {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => {
+            assert_eq!(resp.status().as_u16(), 503)
+        }
+        other => panic!("expected HTTP 503, got {other}"),
+    }
+    let mut closed_at = Vec::new();
+    for w in waiting {
+        let (code, at) = within("a close frame", w).await.expect("client task");
+        assert_eq!(code, 1012);
+        closed_at.push(at);
+    }
+    // Spread: 1 s over 4 clients puts the last close about 750 ms after the first.
+    let first = *closed_at.iter().min().unwrap();
+    let spread = *closed_at.iter().max().unwrap() - first;
+    assert!(
+        spread.as_millis() >= 500,
+        "closes should be spread over the drain, got {spread:?}"
+    );
+    node.finished().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_clients_with_1012_and_exits_zero() {
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_roomcast"))
+        .env("ROOMCAST__SERVER__LISTEN", format!("127.0.0.1:{port}"))
+        .env("ROOMCAST__SHUTDOWN__DRAIN", "300ms")
+        .env("ROOMCAST__LOG__LEVEL", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the roomcast binary");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    eventually("the binary to listen", || async {
+        tokio::net::TcpStream::connect(addr).await.is_ok()
+    })
+    .await;
+    let mut c = Client::connect(&format!("ws://{addr}/ws?room=r")).await;
+    assert_eq!(c.recv_json().await["op"], "welcome");
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    assert_eq!(c.closed().await, 1012);
+    let exit = within("the binary to exit", async {
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(exit.code(), Some(0));
+}

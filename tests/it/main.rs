@@ -1,0 +1,13 @@
+//! Integration tests: real gateway nodes on free ports, real WebSocket
+//! clients, and a real `redis-server` started by each test that needs one.
+
+mod util;
+
+mod cluster;
+mod config;
+mod json;
+mod lifecycle;
+mod metrics;
+mod outage;
+mod raw;
+mod slow;

@@ -1,0 +1,411 @@
+//! Helpers for the integration tests: a real `redis-server` on a free port,
+//! gateway nodes on `127.0.0.1:0`, and real WebSocket clients.
+//!
+//! Everything waits with a timeout; nothing sleeps to synchronize.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use roomcast::Config;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+
+/// How long any single awaited event may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// Await `fut`, failing the test with `what` if it takes longer than [`WAIT`].
+pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(WAIT, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {WAIT:?} waiting for {what}"),
+    }
+}
+
+/// Poll `check` every 20 ms until it returns true, failing after [`WAIT`].
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    within(what, async {
+        loop {
+            if check().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+// ---------------------------------------------------------------- Redis
+
+/// A private `redis-server` on a free port, killed on drop.
+pub struct Redis {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Redis {
+    pub async fn start() -> Redis {
+        Redis::start_on(free_port()).await
+    }
+
+    pub async fn start_on(port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start redis-server ({e}). These tests need a real Redis: \
+                     install it with `apt-get install -y redis-server` (Debian/Ubuntu) or `brew install redis`."
+                )
+            });
+        let redis = Redis {
+            port,
+            child: Some(child),
+        };
+        eventually("redis-server to answer PING", || redis.ping()).await;
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn ping(&self) -> bool {
+        let Ok(client) = redis::Client::open(self.url()) else {
+            return false;
+        };
+        let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+            return false;
+        };
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .is_ok()
+    }
+
+    /// Run one command on a fresh connection.
+    pub async fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
+        let client = redis::Client::open(self.url()).expect("redis url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to test redis");
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query_async(&mut conn).await.expect("redis command")
+    }
+
+    /// Subscribers of one room's channel, across all nodes.
+    pub async fn numsub(&self, room: &str) -> i64 {
+        let channel = format!("roomcast:room:{room}");
+        let reply: Vec<redis::Value> = self.cmd(&["PUBSUB", "NUMSUB", &channel]).await;
+        match reply.get(1) {
+            Some(redis::Value::Int(n)) => *n,
+            other => panic!("unexpected NUMSUB reply {other:?}"),
+        }
+    }
+
+    /// Kill the server (SIGKILL) and wait for it to exit.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+// ---------------------------------------------------------------- gateway nodes
+
+/// Configuration for a test node: defaults plus `ROOMCAST__…` style overrides.
+pub fn config(overrides: &[(&str, &str)]) -> Config {
+    let mut env: Vec<(String, String)> =
+        vec![("ROOMCAST__SERVER__LISTEN".into(), "127.0.0.1:0".into())];
+    env.extend(
+        overrides
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    Config::load(None, env).unwrap_or_else(|e| panic!("test config: {e}"))
+}
+
+/// Configuration for a node on the given Redis.
+pub fn redis_config(redis: &Redis, node: &str, extra: &[(&str, &str)]) -> Config {
+    let url = redis.url();
+    let mut overrides = vec![
+        ("ROOMCAST__BUS__KIND", "redis"),
+        ("ROOMCAST__BUS__REDIS__URL", url.as_str()),
+        ("ROOMCAST__BUS__REDIS__PING_INTERVAL", "200ms"),
+        ("ROOMCAST__BUS__REDIS__TIMEOUT", "500ms"),
+        ("ROOMCAST__BUS__REDIS__BACKOFF_MIN", "50ms"),
+        ("ROOMCAST__BUS__REDIS__BACKOFF_MAX", "300ms"),
+        ("ROOMCAST__NODE__ID", node),
+    ];
+    overrides.extend_from_slice(extra);
+    config(&overrides)
+}
+
+/// A gateway node running in this process on a free port.
+pub struct Node {
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Node {
+    pub async fn start(config: Config) -> Node {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind node");
+        let addr = listener.local_addr().expect("node addr");
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let task = tokio::spawn(async move {
+            roomcast::run(listener, config, prometheus::Registry::new(), token)
+                .await
+                .expect("roomcast::run");
+        });
+        Node {
+            addr,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// A node that is ready (bus up) before it is returned.
+    pub async fn ready(config: Config) -> Node {
+        let node = Node::start(config).await;
+        node.wait_ready(200).await;
+        node
+    }
+
+    pub async fn wait_ready(&self, status: u16) {
+        eventually(
+            &format!("/readyz on {} to answer {status}", self.addr),
+            || async { self.get("/readyz").await.0 == status },
+        )
+        .await;
+    }
+
+    pub fn ws_url(&self, query: &str) -> String {
+        format!("ws://{}/ws?{query}", self.addr)
+    }
+
+    /// A plain HTTP/1.1 request; returns (status, body).
+    pub async fn request(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        http(self.addr, method, path, body).await
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        self.request("GET", path, "").await
+    }
+
+    /// The value of an unlabelled metric (or the first sample whose line starts with `name`).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let (_, body) = self.get("/metrics").await;
+        metric_value(&body, name).unwrap_or_else(|| panic!("metric {name} not found in:\n{body}"))
+    }
+
+    /// Begin graceful shutdown (like SIGTERM) without waiting for it.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Shut down and wait until `run` returns.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            within("node shutdown", task).await.expect("node task");
+        }
+    }
+
+    pub async fn finished(&mut self) {
+        if let Some(task) = self.task.take() {
+            within("node to finish", task).await.expect("node task");
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+pub fn metric_value(body: &str, name: &str) -> Option<f64> {
+    body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (key, value) = l.rsplit_once(' ')?;
+        (key == name).then(|| value.parse().ok())?
+    })
+}
+
+pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    within(&format!("HTTP {method} {path}"), async {
+        let mut s = TcpStream::connect(addr).await.expect("connect for HTTP");
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await.expect("write HTTP request");
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).await.expect("read HTTP response");
+        let resp = String::from_utf8_lossy(&resp).to_string();
+        let status = resp
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("bad HTTP response: {resp:?}"));
+        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        (status, body)
+    })
+    .await
+}
+
+// ---------------------------------------------------------------- clients
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A real WebSocket client.
+pub struct Client {
+    pub ws: Ws,
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Client {
+        let (ws, _) = within(
+            &format!("connect to {url}"),
+            tokio_tungstenite::connect_async(url),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+        Client { ws }
+    }
+
+    /// A JSON-mode client in `rooms`; returns it with its connection id (from `welcome`).
+    pub async fn json(node: &Node, rooms: &[&str]) -> (Client, String) {
+        let query: Vec<String> = rooms.iter().map(|r| format!("room={r}")).collect();
+        let mut c = Client::connect(&node.ws_url(&query.join("&"))).await;
+        let welcome = c.recv_json().await;
+        assert_eq!(
+            welcome["op"], "welcome",
+            "first frame must be welcome: {welcome}"
+        );
+        let conn = welcome["conn"].as_str().expect("welcome.conn").to_string();
+        (c, conn)
+    }
+
+    pub async fn raw(node: &Node, room: &str) -> Client {
+        Client::connect(&node.ws_url(&format!("room={room}&format=raw"))).await
+    }
+
+    pub async fn send(&mut self, msg: Message) {
+        within("send", self.ws.send(msg)).await.expect("send frame");
+    }
+
+    pub async fn send_json(&mut self, v: Value) {
+        self.send(Message::text(v.to_string())).await;
+    }
+
+    /// The next data or close message (pings and pongs are skipped).
+    pub async fn recv(&mut self) -> Message {
+        within("a message", async {
+            loop {
+                match self.ws.next().await {
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Some(Ok(m)) => return m,
+                    Some(Err(e)) => panic!("websocket error while waiting for a message: {e}"),
+                    None => panic!("connection ended while waiting for a message"),
+                }
+            }
+        })
+        .await
+    }
+
+    pub async fn recv_json(&mut self) -> Value {
+        match self.recv().await {
+            Message::Text(t) => {
+                serde_json::from_str(&t).unwrap_or_else(|e| panic!("not JSON ({e}): {t}"))
+            }
+            other => panic!("expected a JSON text frame, got {other:?}"),
+        }
+    }
+
+    /// Send a JSON request with an id and return the reply (ack or error) for that id,
+    /// keeping any other frames that arrive first in `other`.
+    pub async fn request(&mut self, mut v: Value, id: u64) -> (Value, Vec<Value>) {
+        v["id"] = id.into();
+        self.send_json(v).await;
+        let mut other = Vec::new();
+        loop {
+            let f = self.recv_json().await;
+            if f["id"] == id && (f["op"] == "ack" || f["op"] == "error" || f["op"] == "pong") {
+                return (f, other);
+            }
+            other.push(f);
+        }
+    }
+
+    /// Wait for the server's close frame; returns its code.
+    pub async fn closed(&mut self) -> u16 {
+        let code = within("the server to close the connection", async {
+            loop {
+                match self.ws.next().await {
+                    Some(Ok(Message::Close(Some(frame)))) => return u16::from(frame.code),
+                    Some(Ok(Message::Close(None))) => return 1005,
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => panic!("connection failed before a close frame: {e}"),
+                    None => panic!("connection ended without a close frame"),
+                }
+            }
+        })
+        .await;
+        // Polling on sends tungstenite's close reply, as a real client would.
+        while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT, self.ws.next()).await {}
+        code
+    }
+
+    pub async fn close(mut self) {
+        let _ = self
+            .ws
+            .close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                code: CloseCode::Normal,
+                reason: "".into(),
+            }))
+            .await;
+        while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT, self.ws.next()).await {}
+    }
+}
+
+/// A `send` frame.
+pub fn send_frame(room: &str, event: &str, data: Value) -> Value {
+    serde_json::json!({"op": "send", "room": room, "event": event, "data": data})
+}
