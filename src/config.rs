@@ -69,6 +69,9 @@ pub struct Limits {
     pub max_rooms_per_connection: usize,
     pub outbound_queue_bytes: usize,
     pub read_buffer_bytes: usize,
+    /// Sustained publish rate per connection; 0 = unlimited.
+    pub messages_per_second: u32,
+    pub messages_burst: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -135,6 +138,8 @@ struct RawLimits {
     max_rooms_per_connection: usize,
     outbound_queue_bytes: usize,
     read_buffer_bytes: usize,
+    messages_per_second: u32,
+    messages_burst: u32,
 }
 
 #[derive(Deserialize)]
@@ -296,7 +301,15 @@ impl Raw {
             )?,
             outbound_queue_bytes: positive("limits.outbound_queue_bytes", l.outbound_queue_bytes)?,
             read_buffer_bytes: positive("limits.read_buffer_bytes", l.read_buffer_bytes)?,
+            messages_per_second: l.messages_per_second,
+            messages_burst: l.messages_burst,
         };
+        if limits.messages_per_second > 0 && limits.messages_burst == 0 {
+            return Err(invalid(
+                "limits.messages_burst",
+                "must be at least 1 when limits.messages_per_second is set",
+            ));
+        }
         let heartbeat = Heartbeat {
             interval: nonzero_duration("heartbeat.interval", &self.heartbeat.interval)?,
             timeout: nonzero_duration("heartbeat.timeout", &self.heartbeat.timeout)?,

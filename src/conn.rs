@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use crate::gateway::Gateway;
 use crate::hub::RoomPin;
+use crate::limit::RateLimit;
 use crate::peer::Peer;
 use crate::protocol::{self, ErrorCode, Format, Rejection, Request};
 use crate::ws::{self, close, FrameReader, Incoming};
@@ -71,6 +72,10 @@ pub async fn serve(gw: Arc<Gateway>, accepted: Accepted) {
         peer: peer.clone(),
         rooms,
         reader,
+        limit: RateLimit::new(
+            gw.config.limits.messages_per_second,
+            gw.config.limits.messages_burst,
+        ),
         close_done: false,
     };
     conn.run().await;
@@ -91,6 +96,8 @@ struct Conn {
     peer: Arc<Peer>,
     rooms: Vec<String>,
     reader: FrameReader,
+    /// Flood control on what this client publishes.
+    limit: RateLimit,
     /// The close handshake is complete (we replied to the client's close, or it answered ours).
     close_done: bool,
 }
@@ -292,6 +299,16 @@ impl Conn {
                         id,
                         ErrorCode::NotJoined,
                         format!("join room {room:?} before sending to it"),
+                    ));
+                }
+                if !self.limit.allow(std::time::Instant::now()) {
+                    return self.reject(Rejection::new(
+                        id,
+                        ErrorCode::RateLimited,
+                        format!(
+                            "more than {} messages per second; slow down",
+                            self.gw.config.limits.messages_per_second
+                        ),
                     ));
                 }
                 let envelope = protocol::json_envelope(&event, &self.peer.id, data);

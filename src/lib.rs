@@ -24,6 +24,7 @@ pub mod config;
 pub mod conn;
 pub mod gateway;
 pub mod hub;
+pub mod limit;
 pub mod metrics;
 pub mod peer;
 pub mod protocol;

@@ -54,6 +54,7 @@ pub enum ErrorCode {
     BadRoom,
     NotJoined,
     TooManyRooms,
+    RateLimited,
     Unavailable,
 }
 
@@ -65,6 +66,7 @@ impl ErrorCode {
             ErrorCode::BadRoom => "bad_room",
             ErrorCode::NotJoined => "not_joined",
             ErrorCode::TooManyRooms => "too_many_rooms",
+            ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
         }
     }

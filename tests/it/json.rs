@@ -252,3 +252,25 @@ async fn http_publish_reaches_the_room() {
     assert_eq!(status, 400);
     assert!(body.contains("bad_frame"), "{body}");
 }
+
+#[tokio::test]
+async fn a_flooding_client_is_rate_limited_and_others_are_not() {
+    let node = Node::ready(config(&[
+        ("ROOMCAST__LIMITS__MESSAGES_PER_SECOND", "1"),
+        ("ROOMCAST__LIMITS__MESSAGES_BURST", "3"),
+    ]))
+    .await;
+    let (mut flood, _) = Client::json(&node, &["r"]).await;
+    let (mut calm, _) = Client::json(&node, &["r"]).await;
+    let mut codes = Vec::new();
+    for id in 1..=5 {
+        let (reply, _) = flood.request(send_frame("r", "like", json!(id)), id).await;
+        codes.push(reply["code"].as_str().unwrap_or("ack").to_string());
+    }
+    assert_eq!(codes, ["ack", "ack", "ack", "rate_limited", "rate_limited"]);
+    // The limit is per connection.
+    let (reply, _) = calm
+        .request(send_frame("r", "like", json!("calm")), 1)
+        .await;
+    assert_eq!(reply["op"], "ack");
+}
