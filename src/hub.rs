@@ -151,18 +151,47 @@ impl Hub {
 
     /// Deliver one bus payload to this node's clients in `room`.
     pub fn deliver(&self, room: &str, payload: &[u8]) {
+        self.deliver_batch(&[(room, payload)]);
+    }
+
+    /// Deliver bus payloads that arrived together, in arrival order.
+    ///
+    /// Messages for the same room are framed once and concatenated into one
+    /// buffer, so each client gets a single write per room per batch instead
+    /// of one per message: a hot room costs fewer syscalls the hotter it gets.
+    /// Order within a room is kept; rooms are independent.
+    pub fn deliver_batch(&self, batch: &[(&str, &[u8])]) {
+        // Group by room, keeping arrival order inside each group.
+        let mut groups: Vec<(&str, Vec<&[u8]>)> = Vec::new();
+        for (room, payload) in batch {
+            match groups.iter_mut().find(|(r, _)| r == room) {
+                Some((_, payloads)) => payloads.push(payload),
+                None => groups.push((room, vec![payload])),
+            }
+        }
+        for (room, payloads) in groups {
+            self.deliver_room(room, &payloads);
+        }
+    }
+
+    fn deliver_room(&self, room: &str, payloads: &[&[u8]]) {
         let members = match self.rooms.read().get(room) {
             Some(r) if !r.members.is_empty() => r.members.clone(),
             _ => return,
         };
-        self.metrics.bus_received.inc();
-        let out = match Outgoing::from_envelope(room, payload) {
-            Ok(out) => out,
-            Err(e) => {
-                self.metrics.bus_invalid.inc();
-                tracing::warn!(room, error = %e, "dropping invalid bus payload");
-                return;
+        self.metrics.bus_received.inc_by(payloads.len() as u64);
+        let mut outgoing = Vec::with_capacity(payloads.len());
+        for payload in payloads {
+            match Outgoing::from_envelope(room, payload) {
+                Ok(out) => outgoing.push(out),
+                Err(e) => {
+                    self.metrics.bus_invalid.inc();
+                    tracing::warn!(room, error = %e, "dropping invalid bus payload");
+                }
             }
+        }
+        let Some(out) = Outgoing::concat(&outgoing) else {
+            return;
         };
         let (mut delivered, mut slow) = (0u64, 0u64);
         for peer in members.iter() {
@@ -172,7 +201,9 @@ impl Hub {
                 Sent::Closed => {}
             }
         }
-        self.metrics.deliveries.inc_by(delivered);
+        self.metrics
+            .deliveries
+            .inc_by(delivered * outgoing.len() as u64);
         if slow > 0 {
             self.metrics.slow_consumer_disconnects.inc_by(slow);
         }

@@ -11,7 +11,7 @@ use std::borrow::Cow;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -378,6 +378,32 @@ impl Outgoing {
         Ok(Outgoing { json, raw })
     }
 
+    /// Several messages as one: their frames back to back (the same bytes a
+    /// client would get from separate writes). `None` for an empty list.
+    pub fn concat(messages: &[Outgoing]) -> Option<Outgoing> {
+        match messages {
+            [] => None,
+            [one] => Some(one.clone()),
+            many => {
+                let join = |pick: fn(&Outgoing) -> &Bytes| -> Bytes {
+                    let mut all = BytesMut::with_capacity(many.iter().map(|m| pick(m).len()).sum());
+                    for m in many {
+                        all.extend_from_slice(pick(m));
+                    }
+                    all.freeze()
+                };
+                let json = join(|m| &m.json);
+                // For JSON sends the raw frame is the JSON frame: share the buffer.
+                let raw = if many.iter().all(|m| m.raw == m.json) {
+                    json.clone()
+                } else {
+                    join(|m| &m.raw)
+                };
+                Some(Outgoing { json, raw })
+            }
+        }
+    }
+
     pub fn frame_for(&self, format: Format) -> &Bytes {
         match format {
             Format::Json => &self.json,
@@ -465,6 +491,16 @@ mod tests {
         assert_eq!(body, bin);
         let v: serde_json::Value = serde_json::from_str(payload(&out.json)).unwrap();
         assert_eq!(v["binary"], true);
+    }
+
+    #[test]
+    fn concatenated_messages_are_the_frames_back_to_back() {
+        let a = Outgoing::from_envelope("r", &raw_envelope("c", b"one", false)).unwrap();
+        let b = Outgoing::from_envelope("r", br#"{"event":"e","data":2}"#).unwrap();
+        let both = Outgoing::concat(&[a.clone(), b.clone()]).unwrap();
+        assert_eq!(both.json, [&a.json[..], &b.json[..]].concat());
+        assert_eq!(both.raw, [&a.raw[..], &b.raw[..]].concat());
+        assert!(Outgoing::concat(&[]).is_none());
     }
 
     #[test]

@@ -58,7 +58,18 @@ pub fn start(
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                Some((room, envelope)) = rx.recv() => hub.deliver(&room, &envelope),
+                Some(first) = rx.recv() => {
+                    // Take whatever else is already waiting, and deliver it as one batch.
+                    let mut batch = vec![first];
+                    while batch.len() < super::MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(next) => batch.push(next),
+                            Err(_) => break,
+                        }
+                    }
+                    let items: Vec<(&str, &[u8])> = batch.iter().map(|(r, e)| (&**r, &e[..])).collect();
+                    hub.deliver_batch(&items);
+                }
                 Some(cmd) = subs.recv() => {
                     // Every room is local: nothing to subscribe; barriers pass at once.
                     if let SubCmd::Sync(done) = cmd {

@@ -24,6 +24,9 @@ use crate::config::BusConfig;
 use crate::hub::{Hub, SubCmd};
 use crate::metrics::Metrics;
 
+/// Most messages handed to the hub as one batch (see [`Hub::deliver_batch`]).
+const MAX_BATCH: usize = 256;
+
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
     /// The bus cannot take the message right now (down, overloaded, timed out).

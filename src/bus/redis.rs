@@ -231,11 +231,29 @@ impl Supervisor {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ended::Shutdown,
                 msg = stream.next() => {
-                    let Some(msg) = msg else {
+                    let Some(first) = msg else {
                         return Ended::Failed("subscriber connection closed".into());
                     };
-                    if let Some(room) = msg.get_channel_name().strip_prefix(&prefix) {
-                        self.hub.deliver(room, msg.get_payload_bytes());
+                    // Take whatever else has already arrived and deliver it as one batch.
+                    let mut batch = vec![first];
+                    let mut closed = false;
+                    while batch.len() < super::MAX_BATCH {
+                        match stream.next().now_or_never() {
+                            Some(Some(next)) => batch.push(next),
+                            Some(None) => {
+                                closed = true;
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                    let items: Vec<(&str, &[u8])> = batch
+                        .iter()
+                        .filter_map(|m| Some((m.get_channel_name().strip_prefix(&prefix)?, m.get_payload_bytes())))
+                        .collect();
+                    self.hub.deliver_batch(&items);
+                    if closed {
+                        return Ended::Failed("subscriber connection closed".into());
                     }
                 }
                 cmd = self.subs.recv() => {
