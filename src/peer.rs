@@ -122,19 +122,20 @@ impl Peer {
         if out.closing.is_some() || out.broken {
             return Sent::Closed;
         }
-        if out.queued + frame.len() > self.queue_limit && !out.queue.is_empty() {
-            out.discard();
-            out.closing = Some(Closing {
-                code: close::SLOW_CONSUMER,
-                graceful: false,
-            });
-            out.push(ws::close_frame(close::SLOW_CONSUMER, "slow consumer"));
-            drop(out);
-            self.wake.notify_one();
-            return Sent::SlowConsumer;
-        }
         self.write_or_queue(&mut out, frame);
-        Sent::Delivered
+        if out.queued <= self.queue_limit {
+            return Sent::Delivered;
+        }
+        // More than the limit waits for this client: it is not keeping up.
+        out.discard();
+        out.closing = Some(Closing {
+            code: close::SLOW_CONSUMER,
+            graceful: false,
+        });
+        out.push(ws::close_frame(close::SLOW_CONSUMER, "slow consumer"));
+        drop(out);
+        self.wake.notify_one();
+        Sent::SlowConsumer
     }
 
     /// Write directly when nothing is queued; queue what the socket did not take.
