@@ -1,0 +1,418 @@
+#!/usr/bin/env bash
+# Runs roomcast and the Node `ws` + ioredis peer (bench/peers/node-ws) one after the
+# other on this machine, against one private Redis, under the same load from
+# roomcast-bench, and prints a Markdown table. Loopback (127.0.0.0/8) only.
+#
+#   bash bench/compare.sh                 # standard fan-out scenario
+#   QUICK=1 bash bench/compare.sh         # short smoke run
+#   MODE=idle CONNS=10000 bash bench/compare.sh
+#   MODE=ramp bash bench/compare.sh
+#
+# See bench/README.md for every variable.
+# shellcheck disable=SC2317  # functions run through traps and wait_until
+set -euo pipefail
+
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then
+  sed -n '2,/^set -euo/p' "$0" | grep '^#' | grep -v shellcheck | sed 's/^# \{0,1\}//'
+  exit 0
+fi
+[[ $# == 0 ]] || { echo "compare.sh takes no arguments; configure it with env variables (see --help)" >&2; exit 2; }
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+MODE=${MODE:-fanout}
+QUICK=${QUICK:-0}
+if [[ $QUICK == 1 ]]; then
+  SUBS=${SUBS:-200} ROOMS=${ROOMS:-4} PUBS=${PUBS:-4} WARMUP=${WARMUP:-1} DURATION=${DURATION:-3}
+  CONNS=${CONNS:-1000} STEP_DURATION=${STEP_DURATION:-3} MAX_STEPS=${MAX_STEPS:-4}
+fi
+SUBS=${SUBS:-2000}
+ROOMS=${ROOMS:-20}
+PUBS=${PUBS:-20}
+RATE=${RATE:-20}
+SIZE=${SIZE:-100}
+WARMUP=${WARMUP:-5}
+DURATION=${DURATION:-20}
+DRAIN=${DRAIN:-}                    # empty: the generator's default
+THREADS=${THREADS:-}                # empty: the generator's default
+CONNS=${CONNS:-10000}               # idle
+SOURCES=${SOURCES:-4}               # idle: source addresses 127.0.0.1..N
+HOLD=${HOLD:-5}                     # idle
+START_RATE=${START_RATE:-$RATE}     # ramp
+STEP=${STEP:-1.5}
+STEP_DURATION=${STEP_DURATION:-10}
+MAX_P99_MS=${MAX_P99_MS:-50}
+MAX_LOSS=${MAX_LOSS:-0.001}
+MAX_STEPS=${MAX_STEPS:-12}
+SERVERS=${SERVERS:-roomcast node-ws}
+ROOMCAST_PROTOCOLS=${ROOMCAST_PROTOCOLS:-json}   # e.g. "json raw"
+SERVER_CPU=${SERVER_CPU:-0}         # core for Redis and the server under test
+BENCH_CPU=${BENCH_CPU:-1}           # core for the load generator
+SKIP_BUILD=${SKIP_BUILD:-0}
+RESULTS_DIR=${RESULTS_DIR:-$ROOT/bench/results}
+
+die() { echo "compare.sh: $*" >&2; exit 1; }
+log() { echo "==> $*" >&2; }
+
+case $MODE in fanout | idle | ramp) ;; *) die "MODE must be fanout, idle or ramp (got '$MODE')" ;; esac
+
+# ---------------------------------------------------------------- tools
+missing=0
+need() { # need CMD HINT
+  if ! command -v "$1" >/dev/null 2>&1; then
+    echo "missing: $1 — install with: $2" >&2
+    missing=1
+  fi
+}
+need cargo "curl https://sh.rustup.rs -sSf | sh   (or: apt-get install -y cargo)"
+need node "apt-get install -y nodejs   (Node >= 20)"
+need npm "apt-get install -y npm"
+need redis-server "apt-get install -y redis-server"
+need redis-cli "apt-get install -y redis-tools"
+need taskset "apt-get install -y util-linux"
+need curl "apt-get install -y curl"
+need python3 "apt-get install -y python3"
+need timeout "apt-get install -y coreutils"
+need getconf "apt-get install -y libc-bin"
+[[ $missing == 0 ]] || exit 1
+ncpu=$(getconf _NPROCESSORS_ONLN)
+if ((ncpu < 2)); then
+  echo "warning: $ncpu CPU(s); the server and the generator share core 0" >&2
+  SERVER_CPU=0 BENCH_CPU=0
+fi
+CLK_TCK=$(getconf CLK_TCK)
+
+# ---------------------------------------------------------------- build
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+[[ $TARGET_DIR == /* ]] || TARGET_DIR=$ROOT/$TARGET_DIR
+ROOMCAST_BIN=$TARGET_DIR/release/roomcast
+BENCH_BIN=$TARGET_DIR/release/roomcast-bench
+PEER_DIR=$ROOT/bench/peers/node-ws
+if [[ $SKIP_BUILD != 1 ]]; then
+  log "cargo build --release -p roomcast -p roomcast-bench"
+  cargo build --release -p roomcast -p roomcast-bench
+  log "npm ci (bench/peers/node-ws)"
+  npm ci --prefix "$PEER_DIR" --no-audit --no-fund --loglevel=error >/dev/null
+fi
+[[ -x $ROOMCAST_BIN ]] || die "$ROOMCAST_BIN not found (build failed or SKIP_BUILD=1 without a build)"
+[[ -x $BENCH_BIN ]] || die "$BENCH_BIN not found"
+[[ -d $PEER_DIR/node_modules/ws ]] || die "run: npm ci --prefix bench/peers/node-ws"
+
+# Many sockets in idle mode: raise the soft fd limit as far as the hard limit allows.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+# ---------------------------------------------------------------- processes
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/roomcast-compare.XXXXXX")
+RUNS=$WORK/runs.jsonl
+: >"$RUNS"
+PIDS=()
+
+stop_pid() { # stop_pid PID [GRACE_S]: SIGTERM, wait up to GRACE_S, then SIGKILL
+  local pid=$1 grace=${2:-15} i
+  kill -0 "$pid" 2>/dev/null || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for ((i = 0; i < grace * 10; i++)); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if kill -0 "$pid" 2>/dev/null; then
+    echo "pid $pid still running after ${grace}s; SIGKILL" >&2
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+  local rc=$? i
+  trap - EXIT INT TERM
+  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+    stop_pid "${PIDS[i]}" 5
+  done
+  [[ -d $WORK ]] && echo "logs: $WORK" >&2
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'echo "interrupted" >&2; exit 130' INT TERM
+
+forget_pid() { # drop a stopped pid from PIDS
+  local keep=() p
+  for p in "${PIDS[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
+  PIDS=("${keep[@]}")
+}
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+tcp_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_until() { # wait_until SECONDS PID LOGFILE WHAT CMD...: poll CMD until it succeeds
+  local secs=$1 pid=$2 logf=$3 what=$4 i
+  shift 4
+  for ((i = 0; i < secs * 10; i++)); do
+    if "$@" >/dev/null 2>&1; then return 0; fi
+    if ! kill -0 "$pid" 2>/dev/null; then
+      tail -n 20 "$logf" >&2 || true
+      die "$what exited before it was ready (log: $logf)"
+    fi
+    sleep 0.1
+  done
+  tail -n 20 "$logf" >&2 || true
+  die "$what not ready after ${secs}s (log: $logf)"
+}
+
+redis_ticks() { # utime+stime of a pid, in clock ticks
+  local stat rest f
+  stat=$(<"/proc/$1/stat")
+  rest=${stat##*) }           # fields after "(comm)": state is f[0], utime f[11], stime f[12]
+  read -r -a f <<<"$rest"
+  echo $((f[11] + f[12]))
+}
+
+redis_ping() { [[ $(redis-cli -h 127.0.0.1 -p "$1" ping 2>/dev/null) == PONG ]]; }
+ready_http() { curl -fs -o /dev/null --max-time 1 "http://127.0.0.1:$1/readyz"; }
+
+# ---------------------------------------------------------------- redis
+REDIS_PORT=$(free_port)
+log "redis-server on 127.0.0.1:$REDIS_PORT (core $SERVER_CPU)"
+taskset -c "$SERVER_CPU" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" \
+  --appendonly no --daemonize no --loglevel warning >"$WORK/redis.log" 2>&1 &
+REDIS_PID=$!
+PIDS+=("$REDIS_PID")
+wait_until 10 "$REDIS_PID" "$WORK/redis.log" redis-server redis_ping "$REDIS_PORT"
+REDIS_URL=redis://127.0.0.1:$REDIS_PORT
+
+# ---------------------------------------------------------------- one run
+SERVER_PID='' SERVER_PORT=''
+
+start_server() { # start_server NAME LOGFILE
+  local name=$1 logf=$2
+  SERVER_PORT=$(free_port)
+  case $name in
+    roomcast)
+      env -u RUST_LOG \
+        ROOMCAST__SERVER__LISTEN="127.0.0.1:$SERVER_PORT" \
+        ROOMCAST__BUS__KIND=redis \
+        ROOMCAST__BUS__REDIS__URL="$REDIS_URL" \
+        ROOMCAST__LOG__LEVEL=warn \
+        ROOMCAST__SHUTDOWN__DRAIN=1s \
+        ROOMCAST__LIMITS__MESSAGES_PER_SECOND=0 \
+        taskset -c "$SERVER_CPU" "$ROOMCAST_BIN" >"$logf" 2>&1 &
+      SERVER_PID=$!
+      PIDS+=("$SERVER_PID")
+      wait_until 30 "$SERVER_PID" "$logf" roomcast ready_http "$SERVER_PORT"
+      ;;
+    node-ws)
+      env HOST=127.0.0.1 PORT="$SERVER_PORT" REDIS_URL="$REDIS_URL" \
+        taskset -c "$SERVER_CPU" node "$PEER_DIR/server.js" >"$logf" 2>&1 &
+      SERVER_PID=$!
+      PIDS+=("$SERVER_PID")
+      wait_until 30 "$SERVER_PID" "$logf" node-ws tcp_open "$SERVER_PORT"
+      ;;
+    *) die "unknown server '$name' in SERVERS (roomcast, node-ws)" ;;
+  esac
+}
+
+stop_server() {
+  stop_pid "$SERVER_PID" 15
+  forget_pid "$SERVER_PID"
+  SERVER_PID=''
+}
+
+load_args() { # the fan-out load shared by fanout and ramp
+  ARGS=(--subscribers "$SUBS" --rooms "$ROOMS" --publishers "$PUBS" --size "$SIZE" --warmup "$WARMUP")
+  [[ -z $DRAIN ]] || ARGS+=(--drain "$DRAIN")
+  [[ -z $THREADS ]] || ARGS+=(--threads "$THREADS")
+}
+
+FAILED=0
+run_one() { # run_one SERVER PROTOCOL
+  local server=$1 proto=$2 label tag out err limit rc t0 t1 r0 r1
+  label=$server
+  [[ $server != roomcast ]] || label="roomcast ($proto)"
+  tag=$server-$proto
+  out=$WORK/$tag.out err=$WORK/$tag.bench.log
+  log "$label: starting"
+  start_server "$server" "$WORK/$tag.server.log"
+  local url=ws://127.0.0.1:$SERVER_PORT
+  local cmd=("$BENCH_BIN")
+  case $MODE in
+    fanout)
+      load_args
+      cmd+=(fanout --url "$url" --protocol "$proto" "${ARGS[@]}" --rate "$RATE" --duration "$DURATION")
+      limit=$((WARMUP + DURATION + ${DRAIN:-10} + 180))
+      ;;
+    idle)
+      cmd+=(idle --url "$url" --protocol "$proto" --connections "$CONNS" --sources "$SOURCES" --hold "$HOLD")
+      limit=$((HOLD + 600))
+      ;;
+    ramp)
+      load_args
+      cmd+=(ramp --url "$url" --protocol "$proto" "${ARGS[@]}" --start-rate "$START_RATE" --step "$STEP"
+        --step-duration "$STEP_DURATION" --max-p99-ms "$MAX_P99_MS" --max-loss "$MAX_LOSS" --max-steps "$MAX_STEPS")
+      limit=$((WARMUP + MAX_STEPS * (STEP_DURATION + WARMUP + ${DRAIN:-10} + 30) + 180))
+      ;;
+  esac
+  cmd+=(--server-pid "$SERVER_PID")
+  log "$label: roomcast-bench ${cmd[*]:1}  (core $BENCH_CPU, limit ${limit}s)"
+  echo "${cmd[*]}" >"$err"
+
+  t0=$(date +%s%N) r0=$(redis_ticks "$REDIS_PID")
+  timeout --kill-after=10 "$limit" taskset -c "$BENCH_CPU" "${cmd[@]}" >"$out" 2>>"$err" &
+  local bench_pid=$!
+  PIDS+=("$bench_pid")
+  rc=0
+  wait "$bench_pid" || rc=$?
+  forget_pid "$bench_pid"
+  echo "== exit code $rc" >>"$err"
+  t1=$(date +%s%N) r1=$(redis_ticks "$REDIS_PID")
+  stop_server
+
+  if ! python3 - "$label" "$server" "$proto" "$rc" $((r1 - r0)) "$CLK_TCK" $((t1 - t0)) "$out" >>"$RUNS" <<'PY'; then
+import json, sys
+label, server, proto, rc, ticks, clk, wall_ns, path = sys.argv[1:]
+extra = {"server": label, "server_kind": server, "bench_protocol": proto,
+         "redis_cpu_percent": round(int(ticks) / int(clk) / (int(wall_ns) / 1e9) * 100, 2)}
+found = False
+for line in open(path, errors="replace"):
+    line = line.strip()
+    if not line.startswith("{"):
+        continue
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        continue
+    if isinstance(rec, dict):
+        found = True
+        if rc != "0":
+            rec["exit_code"] = int(rc)
+        print(json.dumps({**extra, **rec}, separators=(",", ":")))
+if not found:
+    print(json.dumps({**extra, "mode": "error", "exit_code": int(rc)}))
+sys.exit(0 if found and rc == "0" else 1)
+PY
+    echo "$label: roomcast-bench failed (exit $rc); last lines of $err:" >&2
+    tail -n 15 "$err" >&2 || true
+    FAILED=1
+  fi
+}
+
+for server in $SERVERS; do
+  if [[ $server == roomcast ]]; then
+    for proto in $ROOMCAST_PROTOCOLS; do run_one roomcast "$proto"; done
+  else
+    run_one "$server" plain
+  fi
+done
+
+# ---------------------------------------------------------------- report
+mkdir -p "$RESULTS_DIR"
+RESULT_FILE=$RESULTS_DIR/compare-$(date -u +%Y%m%dT%H%M%SZ).jsonl
+python3 - "$RUNS" "$RESULT_FILE" "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" <<'PY'
+import json, sys
+runs_path, result_path, rev = sys.argv[1:]
+recs = [json.loads(l) for l in open(runs_path) if l.strip()]
+good = [r for r in recs if r.get("mode") != "error"]
+if good:
+    with open(result_path, "w") as f:
+        for r in good:
+            f.write(json.dumps({"git_rev": rev, **r}, separators=(",", ":")) + "\n")
+
+def num(v, fmt):
+    if v is None or v == "":
+        return "–"
+    try:
+        return format(v, fmt)
+    except (TypeError, ValueError):
+        return str(v)
+
+def table(head, rows, text_cols=(0,)):
+    print("| " + " | ".join(head) + " |")
+    print("|" + "|".join("---" if i in text_cols else "---:" for i in range(len(head))) + "|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+def failed(r, n):
+    return [r["server"], f"**failed** (exit {r.get('exit_code')})"] + ["–"] * (n - 2)
+
+for r in recs:  # a run that printed results but then exited non-zero
+    if r.get("exit_code") and r.get("mode") != "error":
+        r["server"] += f" **(exit {r['exit_code']})**"
+
+print()
+fan = [r for r in recs if r.get("mode") in ("fanout", "error")]
+idle = [r for r in recs if r.get("mode") == "idle"]
+ramp_res = [r for r in recs if r.get("mode") == "ramp-result"]
+ramp_steps = [r for r in recs if r.get("mode") not in ("fanout", "error", "idle", "ramp-result")]
+
+if idle:
+    def div(v, d):
+        return v / d if isinstance(v, (int, float)) else v
+    head = ["server", "connected", "failures", "connect s", "server RSS before MiB", "server RSS after MiB",
+            "RSS/connection KiB"]
+    rows = []
+    for r in idle:
+        rows.append([r["server"], num(r.get("connected"), ","), num(r.get("failures"), ","),
+                     num(r.get("connect_s"), ".1f"),
+                     num(div(r.get("server_rss_before_kb"), 1024), ".1f"),
+                     num(div(r.get("server_rss_after_kb", r.get("server_rss_kb")), 1024), ".1f"),
+                     num(div(r.get("rss_per_connection_bytes"), 1024), ".2f")])
+    rows += [failed(r, len(head)) for r in recs if r.get("mode") == "error"]
+    table(head, rows)
+elif ramp_res or ramp_steps:
+    head = ["server", "max sustained deliveries/s", "at msg/s per publisher", "limited by", "steps",
+            "generator saturated"]
+    rows = []
+    for r in ramp_res:
+        steps = r.get("steps_run", sum(1 for s in ramp_steps if s["server"] == r["server"]))
+        rows.append([r["server"], num(r.get("max_sustained_deliveries_per_s"), ",.0f"),
+                     num(r.get("max_sustained_rate"), "g"), str(r.get("limited_by", "–")), str(steps),
+                     {True: "**yes**", False: "no"}.get(r.get("generator_saturated"), "–")])
+    rows += [failed(r, len(head)) for r in recs if r.get("mode") == "error"]
+    done = {r["server"] for r in ramp_res}
+    for name in dict.fromkeys(s["server"] for s in ramp_steps if s["server"] not in done):
+        rows.append([name, "**no result**"] + ["–"] * (len(head) - 2))
+    table(head, rows, text_cols=(0, 3, 5))
+    if ramp_steps:
+        print()
+        head = ["server", "rate/publisher", "deliveries/s", "lost", "p99 ms", "server CPU µs/delivery"]
+        rows = []
+        for s in ramp_steps:
+            lat = s.get("latency_ms") or {}
+            rows.append([s["server"], num(s.get("rate"), ",.1f"), num(s.get("deliveries_per_s"), ",.0f"),
+                         num(s.get("lost"), ","), num(lat.get("p99"), ".2f"),
+                         num(s.get("server_cpu_us_per_delivery"), ".2f")])
+        table(head, rows)
+else:
+    head = ["server", "deliveries/s", "lost", "dup", "reordered", "p50 ms", "p99 ms", "p99.9 ms",
+            "max ms", "server CPU µs/delivery", "redis CPU %", "generator CPU %"]
+    rows = []
+    for r in fan:
+        if r.get("mode") == "error":
+            rows.append(failed(r, len(head)))
+            continue
+        lat = r.get("latency_ms") or {}
+        rows.append([r["server"], num(r.get("deliveries_per_s"), ",.0f"), num(r.get("lost"), ","),
+                     num(r.get("duplicates"), ","), num(r.get("reordered"), ","),
+                     num(lat.get("p50"), ".2f"), num(lat.get("p99"), ".2f"), num(lat.get("p999"), ".2f"),
+                     num(lat.get("max"), ".2f"), num(r.get("server_cpu_us_per_delivery"), ".2f"),
+                     num(r.get("redis_cpu_percent"), ".1f"), num(r.get("generator_cpu_percent"), ".1f")])
+    table(head, rows)
+    ok = [r for r in fan if r.get("mode") == "fanout"]
+    if ok:
+        r = ok[0]
+        g = lambda k: num(r.get(k), "g")
+        print(f"\n{g('subscribers')} subscribers in {g('rooms')} rooms, {g('publishers')} publishers "
+              f"x {g('rate')} msg/s, {g('size')} B, warmup {g('warmup_s')} s, "
+              f"measured {g('duration_s')} s; server and Redis on one core, generator on another; "
+              f"redis CPU % is over the whole run including connect and warmup.")
+        bad = [x["server"] for x in ok if any(x.get(k) for k in ("connect_failures", "disconnects", "errors"))]
+        for x in ok:
+            if x["server"] in bad:
+                print(f"note: {x['server']}: connect_failures={x.get('connect_failures')} "
+                      f"disconnects={x.get('disconnects')} errors={x.get('errors')}")
+print(f"\nraw results: {result_path}" if good else "\nno successful run; nothing saved")
+PY
+
+exit "$FAILED"
