@@ -7,6 +7,7 @@
 //! read buffer exists only while it is reading, so an idle client costs the
 //! task, its [`Peer`] and the kernel socket — no user-space buffers.
 
+use std::future::poll_fn;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -109,47 +110,60 @@ enum Flow {
 }
 
 impl Conn {
+    /// Serve until the connection ends. The closing phase (bounded by
+    /// [`CLOSE_GRACE`]) runs in a boxed future, so that the state an idle
+    /// connection keeps between wake-ups stays small.
     async fn run(&mut self) {
+        if self.pump(true).await {
+            return;
+        }
+        let _ = Box::pin(tokio::time::timeout(CLOSE_GRACE, self.pump(false))).await;
+    }
+
+    /// Move bytes both ways until the connection is finished (`true`), or —
+    /// with `until_closing` — until a close has begun (`false`).
+    async fn pump(&mut self, until_closing: bool) -> bool {
         let mut want_write = false;
-        let mut deadline: Option<Instant> = None;
         loop {
-            if deadline.is_none() && self.peer.closing().is_some() {
-                deadline = Some(Instant::now() + CLOSE_GRACE);
+            if until_closing && self.peer.closing().is_some() {
+                return false;
             }
             let mut readable = false;
+            // poll_*_ready keep one waker slot each, which replaces the one
+            // the HTTP server left there (and with it, its finished task).
+            let socket = &self.peer.socket;
             tokio::select! {
                 biased;
-                _ = sleep_until_opt(deadline) => return,
                 _ = self.peer.wake.notified() => {}
-                r = self.peer.socket.writable(), if want_write => {
+                r = poll_fn(|cx| socket.poll_write_ready(cx)), if want_write => {
                     if r.is_err() {
-                        return;
+                        return true;
                     }
                 }
-                r = self.peer.socket.readable() => {
+                r = poll_fn(|cx| socket.poll_read_ready(cx)) => {
                     if r.is_err() {
-                        return;
+                        return true;
                     }
                     readable = true;
                 }
             }
             match self.peer.flush() {
                 Ok(drained) => want_write = !drained,
-                Err(_) => return,
+                Err(_) => return true,
             }
             if self.close_done && !want_write {
-                return;
+                return true;
             }
             if readable {
                 if let Flow::Stop = self.read().await {
-                    return;
+                    return true;
                 }
                 match self.peer.flush() {
                     Ok(drained) => want_write = !drained,
-                    Err(_) => return,
+                    Err(_) => return true,
                 }
                 if self.close_done && !want_write {
-                    return;
+                    return true;
                 }
             }
         }
@@ -165,7 +179,9 @@ impl Conn {
                     loop {
                         match self.reader.next_message() {
                             Ok(Some(msg)) => {
-                                if let Flow::Stop = self.handle(msg).await {
+                                // Boxed: handling is rare next to waiting, and its
+                                // state must not sit in every idle connection's task.
+                                if let Flow::Stop = Box::pin(self.handle(msg)).await {
                                     return Flow::Stop;
                                 }
                             }
@@ -350,13 +366,6 @@ impl Conn {
                     .inc();
             }
         }
-    }
-}
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
 
