@@ -221,9 +221,19 @@ impl Hub {
         self.metrics.connections.set(peers.len() as i64);
     }
 
-    /// Every connected client, for heartbeats and shutdown.
+    /// Every connected client, for shutdown.
     pub fn peers(&self) -> Vec<Arc<Peer>> {
-        self.peers.lock().values().cloned().collect()
+        self.peers_where(|_| true)
+    }
+
+    /// The connected clients that `pick` selects.
+    pub fn peers_where(&self, pick: impl Fn(&Peer) -> bool) -> Vec<Arc<Peer>> {
+        self.peers
+            .lock()
+            .values()
+            .filter(|p| pick(p))
+            .cloned()
+            .collect()
     }
 
     /// The rooms this node currently holds clients (or pins) in.
