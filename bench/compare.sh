@@ -46,6 +46,7 @@ MAX_P99_MS=${MAX_P99_MS:-50}
 MAX_LOSS=${MAX_LOSS:-0.001}
 MAX_STEPS=${MAX_STEPS:-12}
 SERVERS=${SERVERS:-roomcast node-ws}
+NODES=${NODES:-1}                   # server processes per server kind, all on SERVER_CPU, one Redis
 ROOMCAST_PROTOCOLS=${ROOMCAST_PROTOCOLS:-json}   # e.g. "json raw"
 SERVER_CPU=${SERVER_CPU:-0}         # core for Redis and the server under test
 BENCH_CPU=${BENCH_CPU:-1}           # core for the load generator
@@ -184,40 +185,49 @@ wait_until 10 "$REDIS_PID" "$WORK/redis.log" redis-server redis_ping "$REDIS_POR
 REDIS_URL=redis://127.0.0.1:$REDIS_PORT
 
 # ---------------------------------------------------------------- one run
-SERVER_PID='' SERVER_PORT=''
+SERVER_PIDS=() URLS=()
 
-start_server() { # start_server NAME LOGFILE
-  local name=$1 logf=$2
-  SERVER_PORT=$(free_port)
-  case $name in
-    roomcast)
-      env -u RUST_LOG \
-        ROOMCAST__SERVER__LISTEN="127.0.0.1:$SERVER_PORT" \
-        ROOMCAST__BUS__KIND=redis \
-        ROOMCAST__BUS__REDIS__URL="$REDIS_URL" \
-        ROOMCAST__LOG__LEVEL=warn \
-        ROOMCAST__SHUTDOWN__DRAIN=1s \
-        ROOMCAST__LIMITS__MESSAGES_PER_SECOND=0 \
-        taskset -c "$SERVER_CPU" "$ROOMCAST_BIN" >"$logf" 2>&1 &
-      SERVER_PID=$!
-      PIDS+=("$SERVER_PID")
-      wait_until 30 "$SERVER_PID" "$logf" roomcast ready_http "$SERVER_PORT"
-      ;;
-    node-ws)
-      env HOST=127.0.0.1 PORT="$SERVER_PORT" REDIS_URL="$REDIS_URL" \
-        taskset -c "$SERVER_CPU" node "$PEER_DIR/server.js" >"$logf" 2>&1 &
-      SERVER_PID=$!
-      PIDS+=("$SERVER_PID")
-      wait_until 30 "$SERVER_PID" "$logf" node-ws tcp_open "$SERVER_PORT"
-      ;;
-    *) die "unknown server '$name' in SERVERS (roomcast, node-ws)" ;;
-  esac
+start_server() { # start_server NAME LOGFILE: NODES processes of one kind
+  local name=$1 logf=$2 i port pid
+  SERVER_PIDS=() URLS=()
+  for ((i = 1; i <= NODES; i++)); do
+    port=$(free_port)
+    case $name in
+      roomcast)
+        env -u RUST_LOG \
+          ROOMCAST__SERVER__LISTEN="127.0.0.1:$port" \
+          ROOMCAST__NODE__ID="bench-$i" \
+          ROOMCAST__BUS__KIND=redis \
+          ROOMCAST__BUS__REDIS__URL="$REDIS_URL" \
+          ROOMCAST__LOG__LEVEL=warn \
+          ROOMCAST__SHUTDOWN__DRAIN=1s \
+          ROOMCAST__LIMITS__MESSAGES_PER_SECOND=0 \
+          taskset -c "$SERVER_CPU" "$ROOMCAST_BIN" >"$logf.$i" 2>&1 &
+        pid=$!
+        PIDS+=("$pid")
+        wait_until 30 "$pid" "$logf.$i" roomcast ready_http "$port"
+        ;;
+      node-ws)
+        env HOST=127.0.0.1 PORT="$port" REDIS_URL="$REDIS_URL" \
+          taskset -c "$SERVER_CPU" node "$PEER_DIR/server.js" >"$logf.$i" 2>&1 &
+        pid=$!
+        PIDS+=("$pid")
+        wait_until 30 "$pid" "$logf.$i" node-ws tcp_open "$port"
+        ;;
+      *) die "unknown server '$name' in SERVERS (roomcast, node-ws)" ;;
+    esac
+    SERVER_PIDS+=("$pid")
+    URLS+=(--url "ws://127.0.0.1:$port")
+  done
 }
 
 stop_server() {
-  stop_pid "$SERVER_PID" 15
-  forget_pid "$SERVER_PID"
-  SERVER_PID=''
+  local pid
+  for pid in "${SERVER_PIDS[@]}"; do
+    stop_pid "$pid" 15
+    forget_pid "$pid"
+  done
+  SERVER_PIDS=()
 }
 
 load_args() { # the fan-out load shared by fanout and ramp
@@ -231,30 +241,30 @@ run_one() { # run_one SERVER PROTOCOL
   local server=$1 proto=$2 label tag out err limit rc t0 t1 r0 r1
   label=$server
   [[ $server != roomcast ]] || label="roomcast ($proto)"
+  [[ $NODES == 1 ]] || label="$label x$NODES nodes"
   tag=$server-$proto
   out=$WORK/$tag.out err=$WORK/$tag.bench.log
   log "$label: starting"
   start_server "$server" "$WORK/$tag.server.log"
-  local url=ws://127.0.0.1:$SERVER_PORT
-  local cmd=("$BENCH_BIN")
+  local cmd=("$BENCH_BIN") pid
   case $MODE in
     fanout)
       load_args
-      cmd+=(fanout --url "$url" --protocol "$proto" "${ARGS[@]}" --rate "$RATE" --duration "$DURATION")
+      cmd+=(fanout "${URLS[@]}" --protocol "$proto" "${ARGS[@]}" --rate "$RATE" --duration "$DURATION")
       limit=$((WARMUP + DURATION + ${DRAIN:-10} + 180))
       ;;
     idle)
-      cmd+=(idle --url "$url" --protocol "$proto" --connections "$CONNS" --sources "$SOURCES" --hold "$HOLD")
+      cmd+=(idle "${URLS[@]}" --protocol "$proto" --connections "$CONNS" --sources "$SOURCES" --hold "$HOLD")
       limit=$((HOLD + 600))
       ;;
     ramp)
       load_args
-      cmd+=(ramp --url "$url" --protocol "$proto" "${ARGS[@]}" --start-rate "$START_RATE" --step "$STEP"
+      cmd+=(ramp "${URLS[@]}" --protocol "$proto" "${ARGS[@]}" --start-rate "$START_RATE" --step "$STEP"
         --step-duration "$STEP_DURATION" --max-p99-ms "$MAX_P99_MS" --max-loss "$MAX_LOSS" --max-steps "$MAX_STEPS")
       limit=$((WARMUP + MAX_STEPS * (STEP_DURATION + WARMUP + ${DRAIN:-10} + 30) + 180))
       ;;
   esac
-  cmd+=(--server-pid "$SERVER_PID")
+  for pid in "${SERVER_PIDS[@]}"; do cmd+=(--server-pid "$pid"); done
   log "$label: roomcast-bench ${cmd[*]:1}  (core $BENCH_CPU, limit ${limit}s)"
   echo "${cmd[*]}" >"$err"
 

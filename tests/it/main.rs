@@ -6,6 +6,7 @@ mod util;
 mod cluster;
 mod config;
 mod json;
+mod lb;
 mod lifecycle;
 mod metrics;
 mod outage;
