@@ -2,6 +2,8 @@
 # Runs roomcast and the Node `ws` + ioredis peer (bench/peers/node-ws) one after the
 # other on this machine, against one private Redis, under the same load from
 # roomcast-bench, and prints a Markdown table. Loopback (127.0.0.0/8) only.
+# Optional third peer: the single-process Python `websockets` server
+# (bench/peers/python-ws, no Redis), with SERVERS="roomcast node-ws python-ws".
 #
 #   bash bench/compare.sh                 # standard fan-out scenario
 #   QUICK=1 bash bench/compare.sh         # short smoke run
@@ -45,7 +47,7 @@ STEP_DURATION=${STEP_DURATION:-10}
 MAX_P99_MS=${MAX_P99_MS:-50}
 MAX_LOSS=${MAX_LOSS:-0.001}
 MAX_STEPS=${MAX_STEPS:-12}
-SERVERS=${SERVERS:-roomcast node-ws}
+SERVERS=${SERVERS:-roomcast node-ws}   # add python-ws for the single-process Python peer
 NODES=${NODES:-1}                   # server processes per server kind, all on SERVER_CPU, one Redis
 ROOMCAST_PROTOCOLS=${ROOMCAST_PROTOCOLS:-json}   # e.g. "json raw"
 SERVER_CPU=${SERVER_CPU:-0}         # core for Redis and the server under test
@@ -57,6 +59,14 @@ die() { echo "compare.sh: $*" >&2; exit 1; }
 log() { echo "==> $*" >&2; }
 
 case $MODE in fanout | idle | ramp) ;; *) die "MODE must be fanout, idle or ramp (got '$MODE')" ;; esac
+for server in $SERVERS; do
+  case $server in roomcast | node-ws | python-ws) ;; *) die "unknown server '$server' in SERVERS (roomcast, node-ws, python-ws)" ;; esac
+done
+# python-ws is one process with rooms in memory: it cannot be clustered, so NODES>1 skips it.
+PYWS=0 PYWS_SKIPPED=0
+if [[ " $SERVERS " == *" python-ws "* ]]; then
+  if [[ $NODES == 1 ]]; then PYWS=1; else PYWS_SKIPPED=1; fi
+fi
 
 # ---------------------------------------------------------------- tools
 missing=0
@@ -99,6 +109,25 @@ fi
 [[ -x $ROOMCAST_BIN ]] || die "$ROOMCAST_BIN not found (build failed or SKIP_BUILD=1 without a build)"
 [[ -x $BENCH_BIN ]] || die "$BENCH_BIN not found"
 [[ -d $PEER_DIR/node_modules/ws ]] || die "run: npm ci --prefix bench/peers/node-ws"
+
+# python-ws: a venv in its folder (git-ignored) with the pinned `websockets`. Done even with
+# SKIP_BUILD=1; pip does nothing (and needs no network) once the pinned version is installed.
+PY_DIR=$ROOT/bench/peers/python-ws
+VENV=$PY_DIR/.venv
+if [[ $PYWS == 1 ]]; then
+  if [[ ! -x $VENV/bin/python ]]; then
+    if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+      pyver=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+      echo "missing: python3 venv support — install with: apt-get install -y python3-venv   (or python$pyver-venv)" >&2
+      exit 1
+    fi
+    log "python3 -m venv bench/peers/python-ws/.venv"
+    python3 -m venv "$VENV" || { rm -rf "$VENV"; die "python3 -m venv failed (apt-get install -y python3-venv?)"; }
+  fi
+  log "pip install -r bench/peers/python-ws/requirements.txt (into its .venv)"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$PY_DIR/requirements.txt" \
+    || die "pip install into $VENV failed"
+fi
 
 # Many sockets in idle mode: raise the soft fd limit as far as the hard limit allows.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
@@ -214,7 +243,14 @@ start_server() { # start_server NAME LOGFILE: NODES processes of one kind
         PIDS+=("$pid")
         wait_until 30 "$pid" "$logf.$i" node-ws tcp_open "$port"
         ;;
-      *) die "unknown server '$name' in SERVERS (roomcast, node-ws)" ;;
+      python-ws) # no Redis: single process, rooms in memory
+        env HOST=127.0.0.1 PORT="$port" \
+          taskset -c "$SERVER_CPU" "$VENV/bin/python" "$PY_DIR/server.py" >"$logf.$i" 2>&1 &
+        pid=$!
+        PIDS+=("$pid")
+        wait_until 30 "$pid" "$logf.$i" python-ws tcp_open "$port"
+        ;;
+      *) die "unknown server '$name' in SERVERS (roomcast, node-ws, python-ws)" ;;
     esac
     SERVER_PIDS+=("$pid")
     URLS+=(--url "ws://127.0.0.1:$port")
@@ -308,8 +344,11 @@ PY
   fi
 }
 
+PYWS_NOTE="note: python-ws skipped: it is a single process with rooms in memory and cannot be clustered (NODES=$NODES); run it with NODES=1"
 for server in $SERVERS; do
-  if [[ $server == roomcast ]]; then
+  if [[ $server == python-ws && $PYWS_SKIPPED == 1 ]]; then
+    log "${PYWS_NOTE#note: }"
+  elif [[ $server == roomcast ]]; then
     for proto in $ROOMCAST_PROTOCOLS; do run_one roomcast "$proto"; done
   else
     run_one "$server" plain
@@ -424,5 +463,6 @@ else:
                       f"disconnects={x.get('disconnects')} errors={x.get('errors')}")
 print(f"\nraw results: {result_path}" if good else "\nno successful run; nothing saved")
 PY
+[[ $PYWS_SKIPPED == 0 ]] || printf '\n%s\n' "$PYWS_NOTE"
 
 exit "$FAILED"
