@@ -84,3 +84,38 @@ async fn a_node_started_before_redis_becomes_ready_when_redis_arrives() {
     let (ack, _) = c.request(send_frame("early", "comment", json!(1)), 1).await;
     assert_eq!(ack["op"], "ack");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_is_detected_by_ping_and_the_bus_recovers_when_it_resumes() {
+    let redis = Redis::start().await;
+    let a = Node::ready(redis_config(&redis, "a", &[])).await;
+    let b = Node::ready(redis_config(&redis, "b", &[])).await;
+    let (mut on_a, _) = Client::json(&a, &["r"]).await;
+    let (mut on_b, _) = Client::json(&b, &["r"]).await;
+
+    // A frozen Redis keeps its TCP connections open: only the PINGs notice.
+    redis.signal("STOP");
+    a.wait_ready(503).await;
+    let (reply, _) = on_a
+        .request(send_frame("r", "comment", json!("frozen")), 1)
+        .await;
+    assert_eq!(reply["code"], "unavailable");
+    redis.signal("CONT");
+    a.wait_ready(200).await;
+    b.wait_ready(200).await;
+
+    let (ack, _) = on_a
+        .request(send_frame("r", "comment", json!("thawed")), 2)
+        .await;
+    assert_eq!(ack["op"], "ack");
+    loop {
+        let f = on_b.recv_json().await;
+        if f["data"] == "thawed" {
+            break;
+        }
+    }
+    assert!(
+        a.metric("roomcast_bus_reconnects_total").await >= 2.0,
+        "a reconnected after the hang"
+    );
+}

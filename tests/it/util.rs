@@ -128,6 +128,16 @@ impl Redis {
         }
     }
 
+    /// Send a signal (e.g. "STOP", "CONT") to the server process.
+    pub fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("redis is running");
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} redis");
+    }
+
     /// Kill the server (SIGKILL) and wait for it to exit.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
