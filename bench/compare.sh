@@ -297,7 +297,7 @@ run_one() { # run_one SERVER PROTOCOL
       load_args
       cmd+=(ramp "${URLS[@]}" --protocol "$proto" "${ARGS[@]}" --start-rate "$START_RATE" --step "$STEP"
         --step-duration "$STEP_DURATION" --max-p99-ms "$MAX_P99_MS" --max-loss "$MAX_LOSS" --max-steps "$MAX_STEPS")
-      limit=$((WARMUP + MAX_STEPS * (STEP_DURATION + WARMUP + ${DRAIN:-10} + 30) + 180))
+      limit=$((WARMUP + 2 * MAX_STEPS * (STEP_DURATION + WARMUP + ${DRAIN:-10} + 30) + 180))
       ;;
   esac
   for pid in "${SERVER_PIDS[@]}"; do cmd+=(--server-pid "$pid"); done

@@ -64,6 +64,9 @@ pub struct RampPlan {
     pub max_p99_ms: f64,
     pub max_loss: f64,
     pub max_steps: usize,
+    /// A step that breaks a threshold is measured again this many times
+    /// before the ramp stops (one latency spike on a noisy machine is not saturation).
+    pub retries: usize,
     pub threads: usize,
 }
 
@@ -123,45 +126,52 @@ pub async fn run_ramp(cfg: LoadCfg, plan: RampPlan) -> i32 {
     let mut last: Option<RunReport> = None;
     let mut rate = plan.start_rate;
     let mut steps_run = 0;
-    for step in 0..plan.max_steps {
-        let settle = if step == 0 {
-            plan.warmup
-        } else {
-            plan.step_settle
-        };
-        eprintln!("ramp step {step}: {rate:.3} msg/s per publisher");
-        let w = s
-            .measure(rate, settle, plan.step_duration, plan.drain)
-            .await;
-        let meta = RunMeta {
-            mode: "ramp",
-            step: Some(step),
-            warmup_s: settle.as_secs_f64(),
-            drain_s: plan.drain.as_secs_f64(),
-            threads: plan.threads,
-        };
-        let r = RunReport::build(&s, w, &meta);
-        r.print_human();
-        emit(&r);
-        steps_run += 1;
-        let verdict = step_verdict(
-            r.latency_ms.p99,
-            r.loss_fraction,
-            r.received,
-            plan.max_p99_ms,
-            plan.max_loss,
-        );
-        let stop = verdict.is_some();
-        if let Some(v) = verdict {
-            limited_by = v;
-        } else if best.is_none_or(|(_, _, d)| r.deliveries_per_s > d) {
-            best = Some((step, r.rate, r.deliveries_per_s));
+    'steps: for step in 0..plan.max_steps {
+        for attempt in 0..=plan.retries {
+            let settle = if step == 0 && attempt == 0 {
+                plan.warmup
+            } else {
+                plan.step_settle
+            };
+            eprintln!("ramp step {step} (attempt {}): {rate:.3} msg/s per publisher", attempt + 1);
+            let w = s
+                .measure(rate, settle, plan.step_duration, plan.drain)
+                .await;
+            let meta = RunMeta {
+                mode: "ramp",
+                step: Some(step),
+                warmup_s: settle.as_secs_f64(),
+                drain_s: plan.drain.as_secs_f64(),
+                threads: plan.threads,
+            };
+            let r = RunReport::build(&s, w, &meta);
+            r.print_human();
+            emit(&r);
+            steps_run += 1;
+            let verdict = step_verdict(
+                r.latency_ms.p99,
+                r.loss_fraction,
+                r.received,
+                plan.max_p99_ms,
+                plan.max_loss,
+            );
+            let passed = verdict.is_none();
+            match verdict {
+                Some(v) => limited_by = v,
+                None => {
+                    limited_by = "steps";
+                    if best.is_none_or(|(_, _, d)| r.deliveries_per_s > d) {
+                        best = Some((step, r.rate, r.deliveries_per_s));
+                    }
+                }
+            }
+            last = Some(r);
+            if passed {
+                rate = (rate * plan.step).min(crate::MAX_RATE);
+                continue 'steps;
+            }
         }
-        last = Some(r);
-        if stop {
-            break;
-        }
-        rate = (rate * plan.step).min(crate::MAX_RATE);
+        break;
     }
     let c = &s.cfg;
     let result = RampResult {

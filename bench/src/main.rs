@@ -138,6 +138,9 @@ struct RampArgs {
     /// Maximum number of steps
     #[arg(long, default_value_t = 12)]
     max_steps: usize,
+    /// Measure a failing step again this many times before stopping (noisy machines)
+    #[arg(long, default_value_t = 1)]
+    retries: usize,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -333,6 +336,7 @@ fn plan(cli: Cli) -> Result<(Job, bool), UsageError> {
                 max_p99_ms: r.max_p99_ms,
                 max_loss: r.max_loss,
                 max_steps,
+                retries: count("retries", r.retries, 0, 5)?,
                 threads: a.common.threads,
             };
             Ok((Job::Ramp(cfg, p), a.common.allow_remote))
