@@ -258,7 +258,16 @@ impl Supervisor {
                 }
                 cmd = self.subs.recv() => {
                     let Some(cmd) = cmd else { return Ended::Shutdown };
-                    if let Err(reason) = self.apply(&mut sink, cmd, cfg.timeout).await {
+                    // Take every change already queued: a join storm becomes a few
+                    // SUBSCRIBE commands instead of one round trip per room.
+                    let mut cmds = vec![cmd];
+                    while cmds.len() < RESUBSCRIBE_BATCH {
+                        match self.subs.try_recv() {
+                            Ok(next) => cmds.push(next),
+                            Err(_) => break,
+                        }
+                    }
+                    if let Err(reason) = self.apply(&mut sink, cmds, cfg.timeout).await {
                         return Ended::Failed(reason);
                     }
                 }
@@ -276,34 +285,52 @@ impl Supervisor {
         }
     }
 
+    /// Apply subscription commands in order; consecutive subscribes (or
+    /// unsubscribes) go to Redis as one command.
     async fn apply(
         &mut self,
         sink: &mut PubSubSink,
-        cmd: SubCmd,
+        cmds: Vec<SubCmd>,
         limit: Duration,
     ) -> Result<(), String> {
-        let result = match cmd {
-            SubCmd::Subscribe(room) => {
-                let channel = self.bus.channel(&room);
-                self.desired.insert(room);
-                timeout(limit, sink.subscribe(channel)).await
+        let mut cmds = cmds.into_iter().peekable();
+        while let Some(cmd) = cmds.next() {
+            let (subscribe, first) = match cmd {
+                SubCmd::Subscribe(room) => (true, room),
+                SubCmd::Unsubscribe(room) => (false, room),
+                SubCmd::Sync(done) => {
+                    // Everything before the barrier has been applied.
+                    let _ = done.send(());
+                    continue;
+                }
+            };
+            let mut rooms = vec![first];
+            while let Some(next) = cmds.next_if(|c| match c {
+                SubCmd::Subscribe(_) => subscribe,
+                SubCmd::Unsubscribe(_) => !subscribe,
+                SubCmd::Sync(_) => false,
+            }) {
+                if let SubCmd::Subscribe(room) | SubCmd::Unsubscribe(room) = next {
+                    rooms.push(room);
+                }
             }
-            SubCmd::Unsubscribe(room) => {
-                let channel = self.bus.channel(&room);
-                self.desired.remove(&room);
-                timeout(limit, sink.unsubscribe(channel)).await
+            let channels: Vec<String> = rooms.iter().map(|r| self.bus.channel(r)).collect();
+            let result = if subscribe {
+                self.desired.extend(rooms);
+                timeout(limit, sink.subscribe(&channels)).await
+            } else {
+                for room in &rooms {
+                    self.desired.remove(room);
+                }
+                timeout(limit, sink.unsubscribe(&channels)).await
+            };
+            match result {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(format!("subscription change failed: {e}")),
+                Err(_) => return Err("subscription change timed out".into()),
             }
-            SubCmd::Sync(done) => {
-                // Commands are applied in order, so everything before this is in effect.
-                let _ = done.send(());
-                return Ok(());
-            }
-        };
-        match result {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(format!("subscription change failed: {e}")),
-            Err(_) => Err("subscription change timed out".into()),
         }
+        Ok(())
     }
 
     /// PING both connections; a dead link is not trusted forever.

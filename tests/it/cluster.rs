@@ -170,3 +170,32 @@ async fn a_backend_can_publish_straight_into_redis() {
     assert_eq!(json_client.recv_json().await["event"], "after");
     assert_eq!(node.metric("roomcast_bus_invalid_total").await, 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_storm_over_many_rooms_ends_with_every_room_subscribed() {
+    let redis = Redis::start().await;
+    let node = Node::ready(redis_config(&redis, "a", &[])).await;
+    // 20 clients join 30 rooms each, all at once, without waiting for acks.
+    let mut clients = Vec::new();
+    for c in 0..20u64 {
+        let (mut client, _) = Client::json(&node, &[]).await;
+        for r in 0..30u64 {
+            client
+                .send_json(json!({"op": "join", "room": format!("storm-{}", (c * 7 + r) % 45), "id": r}))
+                .await;
+        }
+        clients.push(client);
+    }
+    for client in &mut clients {
+        let mut acked = 0;
+        while acked < 30 {
+            if client.recv_json().await["op"] == "ack" {
+                acked += 1;
+            }
+        }
+    }
+    for room in 0..45 {
+        assert_eq!(redis.numsub(&format!("storm-{room}")).await, 1, "storm-{room}");
+    }
+    assert_eq!(node.metric("roomcast_rooms").await, 45.0);
+}
