@@ -7,8 +7,8 @@
 //!   leaving sends [`SubCmd::Unsubscribe`]. Both are sent while the room map's
 //!   write lock is held, so the bus sees them in the order the map changed:
 //!   a join racing an unsubscribe always ends subscribed.
-//! - Member lists are copy-on-write (`Arc<[Arc<Peer>]>`): the fan-out clones
-//!   the list under a read lock and writes to sockets with no lock held.
+//! - The fan-out takes a snapshot of a room's members under a read lock and
+//!   writes to sockets with no lock held (see `members.rs`).
 //! - A bus payload is parsed and framed once per node, then the same bytes
 //!   go to every local recipient.
 
@@ -19,6 +19,7 @@ use std::time::Instant;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::members::{Keyed, Members};
 use crate::metrics::Metrics;
 use crate::peer::{Peer, Sent};
 use crate::protocol::Outgoing;
@@ -36,7 +37,7 @@ pub enum SubCmd {
 
 #[derive(Default)]
 struct Room {
-    members: Arc<[Arc<Peer>]>,
+    members: Members<Arc<Peer>>,
     /// Holds on the room's subscription while a client is being connected.
     pins: usize,
 }
@@ -115,13 +116,7 @@ impl Hub {
 
     pub fn join(&self, room: &str, peer: &Arc<Peer>) {
         self.change(room, |r| {
-            if r.members.iter().any(|p| p.seq == peer.seq) {
-                return;
-            }
-            let mut members = Vec::with_capacity(r.members.len() + 1);
-            members.extend(r.members.iter().cloned());
-            members.push(peer.clone());
-            r.members = members.into();
+            r.members.insert(peer.clone());
         });
     }
 
@@ -130,14 +125,7 @@ impl Hub {
             return;
         }
         self.change(room, |r| {
-            if r.members.iter().any(|p| p.seq == peer.seq) {
-                r.members = r
-                    .members
-                    .iter()
-                    .filter(|p| p.seq != peer.seq)
-                    .cloned()
-                    .collect();
-            }
+            r.members.remove(peer.seq);
         });
     }
 
@@ -176,7 +164,7 @@ impl Hub {
 
     fn deliver_room(&self, room: &str, payloads: &[&[u8]]) {
         let members = match self.rooms.read().get(room) {
-            Some(r) if !r.members.is_empty() => r.members.clone(),
+            Some(r) if !r.members.is_empty() => r.members.snapshot(),
             _ => return,
         };
         self.metrics.bus_received.inc_by(payloads.len() as u64);
@@ -239,5 +227,11 @@ impl Hub {
     /// The rooms this node currently holds clients (or pins) in.
     pub fn room_names(&self) -> Vec<Arc<str>> {
         self.rooms.read().keys().cloned().collect()
+    }
+}
+
+impl Keyed for Arc<Peer> {
+    fn key(&self) -> u64 {
+        self.seq
     }
 }

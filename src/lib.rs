@@ -14,7 +14,8 @@
 //!   path and the bounded per-client queue.
 //! - [`ws`]: WebSocket framing: client frames in, pre-built server frames out.
 //! - [`protocol`]: wire frames and the bus envelope (no I/O).
-//! - [`hub`]: local rooms, subscription changes, fan-out.
+//! - [`hub`]: local rooms, subscription changes, fan-out; [`members`]: one
+//!   room's member list.
 //! - [`bus`]: trait [`bus::Bus`] with the `memory` and `redis` backends.
 //! - [`gateway`]: the state one node shares between all of the above.
 //! - [`config`], [`metrics`]: settings and Prometheus metrics.
@@ -25,6 +26,7 @@ pub mod conn;
 pub mod gateway;
 pub mod hub;
 pub mod limit;
+pub mod members;
 pub mod metrics;
 pub mod peer;
 pub mod protocol;
