@@ -181,7 +181,9 @@ async fn a_join_storm_over_many_rooms_ends_with_every_room_subscribed() {
         let (mut client, _) = Client::json(&node, &[]).await;
         for r in 0..30u64 {
             client
-                .send_json(json!({"op": "join", "room": format!("storm-{}", (c * 7 + r) % 45), "id": r}))
+                .send_json(
+                    json!({"op": "join", "room": format!("storm-{}", (c * 7 + r) % 45), "id": r}),
+                )
                 .await;
         }
         clients.push(client);
@@ -195,7 +197,11 @@ async fn a_join_storm_over_many_rooms_ends_with_every_room_subscribed() {
         }
     }
     for room in 0..45 {
-        assert_eq!(redis.numsub(&format!("storm-{room}")).await, 1, "storm-{room}");
+        assert_eq!(
+            redis.numsub(&format!("storm-{room}")).await,
+            1,
+            "storm-{room}"
+        );
     }
     assert_eq!(node.metric("roomcast_rooms").await, 45.0);
 }

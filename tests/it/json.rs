@@ -274,3 +274,52 @@ async fn a_flooding_client_is_rate_limited_and_others_are_not() {
         .await;
     assert_eq!(reply["op"], "ack");
 }
+
+#[tokio::test]
+async fn websocket_pings_fragments_and_the_close_handshake_follow_rfc_6455() {
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    let node = Node::ready(config(&[])).await;
+    let (mut c, _) = Client::json(&node, &["r"]).await;
+
+    // A ping is answered with a pong carrying the same payload.
+    c.ws.send(Message::Ping(b"are you there".to_vec().into()))
+        .await
+        .expect("ping");
+    let pong = within("a pong", async {
+        loop {
+            if let Some(Ok(Message::Pong(p))) = futures::StreamExt::next(&mut c.ws).await {
+                return p;
+            }
+        }
+    })
+    .await;
+    assert_eq!(&pong[..], b"are you there");
+
+    // A message split over three frames is reassembled.
+    let text = send_frame("r", "comment", json!("in three parts")).to_string();
+    let (a, rest) = text.split_at(10);
+    let (b, z) = rest.split_at(10);
+    for (part, opcode, fin) in [
+        (a, Data::Text, false),
+        (b, Data::Continue, false),
+        (z, Data::Continue, true),
+    ] {
+        c.ws.send(Message::Frame(Frame::message(
+            part.as_bytes().to_vec(),
+            OpCode::Data(opcode),
+            fin,
+        )))
+        .await
+        .expect("send fragment");
+    }
+    assert_eq!(c.recv_json().await["data"], "in three parts");
+
+    // The client's close code is echoed.
+    c.ws.send(Message::Close(Some(CloseFrame {
+        code: 1000.into(),
+        reason: "bye".into(),
+    })))
+    .await
+    .expect("close");
+    assert_eq!(c.closed().await, 1000);
+}
