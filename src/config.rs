@@ -196,15 +196,6 @@ impl Config {
         raw.validate()
     }
 
-    /// The defaults alone (what tests start from).
-    pub fn defaults() -> Config {
-        match Config::load(None, std::iter::empty()) {
-            Ok(config) => config,
-            // The embedded defaults are checked by a unit test; reaching this is a build defect.
-            Err(e) => panic!("embedded config/default.toml is invalid: {e}"),
-        }
-    }
-
     /// The node id: configured, or the hostname plus a random suffix.
     pub fn node_id(&self) -> String {
         if !self.node_id.is_empty() {

@@ -223,11 +223,6 @@ impl Hub {
             .cloned()
             .collect()
     }
-
-    /// The rooms this node currently holds clients (or pins) in.
-    pub fn room_names(&self) -> Vec<Arc<str>> {
-        self.rooms.read().keys().cloned().collect()
-    }
 }
 
 impl Keyed for Arc<Peer> {
