@@ -65,6 +65,8 @@ pub struct RedisConfig {
 
 #[derive(Debug, Clone)]
 pub struct Limits {
+    /// WebSocket clients accepted at once; 0 = unlimited.
+    pub max_connections: usize,
     pub max_message_bytes: usize,
     pub max_rooms_per_connection: usize,
     pub outbound_queue_bytes: usize,
@@ -134,6 +136,7 @@ struct RawRedis {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawLimits {
+    max_connections: usize,
     max_message_bytes: usize,
     max_rooms_per_connection: usize,
     outbound_queue_bytes: usize,
@@ -285,6 +288,7 @@ impl Raw {
         };
         let l = self.limits;
         let limits = Limits {
+            max_connections: l.max_connections,
             max_message_bytes: positive("limits.max_message_bytes", l.max_message_bytes)?,
             max_rooms_per_connection: positive(
                 "limits.max_rooms_per_connection",

@@ -301,6 +301,14 @@ async fn upgrade(
             "this node is shutting down",
         );
     }
+    let max = gw.config.limits.max_connections;
+    if max > 0 && gw.hub.connection_count() >= max {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_connections",
+            &format!("this node holds its maximum of {max} connections"),
+        );
+    }
     let key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
     let (Some(key), true, true) = (
         key,

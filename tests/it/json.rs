@@ -323,3 +323,25 @@ async fn websocket_pings_fragments_and_the_close_handshake_follow_rfc_6455() {
     .expect("close");
     assert_eq!(c.closed().await, 1000);
 }
+
+#[tokio::test]
+async fn a_full_node_refuses_new_clients_with_503_and_accepts_again_when_one_leaves() {
+    let node = Node::ready(config(&[("ROOMCAST__LIMITS__MAX_CONNECTIONS", "2")])).await;
+    let (first, _) = Client::json(&node, &["r"]).await;
+    let (_second, _) = Client::json(&node, &["r"]).await;
+    match tokio_tungstenite::connect_async(node.ws_url("room=r")).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), 503);
+            let body =
+                String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).to_string();
+            assert!(body.contains("too_many_connections"), "{body}");
+        }
+        other => panic!("expected HTTP 503, got {:?}", other.map(|_| ())),
+    }
+    first.close().await;
+    eventually("the slot to free up", || async {
+        node.metric("roomcast_connections").await == 1.0
+    })
+    .await;
+    let (_third, _) = Client::json(&node, &["r"]).await;
+}
