@@ -133,7 +133,10 @@ pub async fn run_ramp(cfg: LoadCfg, plan: RampPlan) -> i32 {
             } else {
                 plan.step_settle
             };
-            eprintln!("ramp step {step} (attempt {}): {rate:.3} msg/s per publisher", attempt + 1);
+            eprintln!(
+                "ramp step {step} (attempt {}): {rate:.3} msg/s per publisher",
+                attempt + 1
+            );
             let w = s
                 .measure(rate, settle, plan.step_duration, plan.drain)
                 .await;
