@@ -187,7 +187,7 @@ pub fn source_addr(i: usize, k: usize) -> IpAddr {
 }
 
 /// Read buffer for busy (fanout/ramp) connections.
-pub const BUSY_READ_BUFFER: usize = 8 * 1024;
+pub const BUSY_READ_BUFFER: usize = 2 * 1024;
 /// Read buffer for idle connections (keeps the generator small at 100k+).
 pub const IDLE_READ_BUFFER: usize = 1024;
 
