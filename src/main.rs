@@ -35,13 +35,16 @@ fn main() -> ExitCode {
     }
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    // A log write that fails (say, stdout is a pipe whose reader died) must
+    // never take a task down: by default tracing-subscriber reports it with
+    // eprintln!, which panics when stderr is that same broken pipe.
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .log_internal_errors(false);
     if config.log.json {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init();
+        logs.json().init();
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
+        logs.init();
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -72,25 +75,28 @@ async fn serve(config: Config) -> ExitCode {
     }
 }
 
-/// Cancel `shutdown` on SIGTERM or SIGINT.
+/// Cancel `shutdown` on SIGTERM or SIGINT (cancel first, then log).
 async fn signals(shutdown: CancellationToken) {
     #[cfg(unix)]
-    {
+    let received = {
         use tokio::signal::unix::{signal, SignalKind};
         match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => tracing::info!("SIGTERM received"),
-                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-                }
-            }
+            Ok(mut term) => tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+            },
             Err(e) => {
                 tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops roomcast");
                 let _ = tokio::signal::ctrl_c().await;
+                "SIGINT"
             }
         }
-    }
+    };
     #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
+    let received = {
+        let _ = tokio::signal::ctrl_c().await;
+        "SIGINT"
+    };
     shutdown.cancel();
+    tracing::info!(signal = received, "shutting down");
 }

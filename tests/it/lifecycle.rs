@@ -88,14 +88,16 @@ async fn shutdown_closes_clients_with_1012_spread_over_the_drain_and_readyz_is_5
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_clients_with_1012_and_exits_zero() {
     let port = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_roomcast"))
-        .env("ROOMCAST__SERVER__LISTEN", format!("127.0.0.1:{port}"))
-        .env("ROOMCAST__SHUTDOWN__DRAIN", "300ms")
-        .env("ROOMCAST__LOG__LEVEL", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the roomcast binary");
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_roomcast"))
+            .env("ROOMCAST__SERVER__LISTEN", format!("127.0.0.1:{port}"))
+            .env("ROOMCAST__SHUTDOWN__DRAIN", "300ms")
+            .env("ROOMCAST__LOG__LEVEL", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the roomcast binary"),
+    );
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     eventually("the binary to listen", || async {
         tokio::net::TcpStream::connect(addr).await.is_ok()
@@ -104,20 +106,34 @@ async fn sigterm_drains_clients_with_1012_and_exits_zero() {
     let mut c = Client::connect(&format!("ws://{addr}/ws?room=r")).await;
     assert_eq!(c.recv_json().await["op"], "welcome");
 
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    child.signal("TERM");
     assert_eq!(c.closed().await, 1012);
-    let exit = within("the binary to exit", async {
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                return status;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+    let exit = child.exited("the binary to exit").await;
+    assert_eq!(exit.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_still_stops_the_node_when_its_log_output_is_a_broken_pipe() {
+    let port = free_port();
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_roomcast"))
+            .env("ROOMCAST__SERVER__LISTEN", format!("127.0.0.1:{port}"))
+            .env("ROOMCAST__SHUTDOWN__DRAIN", "100ms")
+            .env("ROOMCAST__LOG__LEVEL", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the roomcast binary"),
+    );
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    eventually("the binary to listen", || async {
+        tokio::net::TcpStream::connect(addr).await.is_ok()
     })
     .await;
+    // Whoever read the logs went away (a log shipper died, `roomcast | head`).
+    drop(child.0.stdout.take());
+    drop(child.0.stderr.take());
+    child.signal("TERM");
+    let exit = child.exited("the binary to exit after SIGTERM").await;
     assert_eq!(exit.code(), Some(0));
 }

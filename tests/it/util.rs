@@ -300,6 +300,40 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u1
     .await
 }
 
+/// A child process that is killed if the test ends before it exits.
+pub struct KillOnDrop(pub Child);
+
+impl KillOnDrop {
+    /// Wait (polling, bounded by [`WAIT`]) for the process to exit.
+    pub async fn exited(&mut self, what: &str) -> std::process::ExitStatus {
+        within(what, async {
+            loop {
+                if let Some(status) = self.0.try_wait().expect("try_wait") {
+                    return status;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+    }
+
+    /// Send a signal by name (e.g. "TERM").
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.0.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal}");
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 // ---------------------------------------------------------------- clients
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
