@@ -87,22 +87,7 @@ async fn shutdown_closes_clients_with_1012_spread_over_the_drain_and_readyz_is_5
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_clients_with_1012_and_exits_zero() {
-    let port = free_port();
-    let mut child = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_roomcast"))
-            .env("ROOMCAST__SERVER__LISTEN", format!("127.0.0.1:{port}"))
-            .env("ROOMCAST__SHUTDOWN__DRAIN", "300ms")
-            .env("ROOMCAST__LOG__LEVEL", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the roomcast binary"),
-    );
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    eventually("the binary to listen", || async {
-        tokio::net::TcpStream::connect(addr).await.is_ok()
-    })
-    .await;
+    let (mut child, addr) = start_binary("300ms", "warn", Stdio::null).await;
     let mut c = Client::connect(&format!("ws://{addr}/ws?room=r")).await;
     assert_eq!(c.recv_json().await["op"], "welcome");
 
@@ -114,14 +99,29 @@ async fn sigterm_drains_clients_with_1012_and_exits_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_still_stops_the_node_when_its_log_output_is_a_broken_pipe() {
+    let (mut child, _addr) = start_binary("100ms", "info", Stdio::piped).await;
+    // Whoever read the logs went away (a log shipper died, `roomcast | head`).
+    drop(child.0.stdout.take());
+    drop(child.0.stderr.take());
+    child.signal("TERM");
+    let exit = child.exited("the binary to exit after SIGTERM").await;
+    assert_eq!(exit.code(), Some(0));
+}
+
+/// The real `roomcast` binary on a free port, listening; its stdout and stderr go to `output`.
+async fn start_binary(
+    drain: &str,
+    log_level: &str,
+    output: fn() -> Stdio,
+) -> (KillOnDrop, std::net::SocketAddr) {
     let port = free_port();
-    let mut child = KillOnDrop(
+    let child = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_roomcast"))
             .env("ROOMCAST__SERVER__LISTEN", format!("127.0.0.1:{port}"))
-            .env("ROOMCAST__SHUTDOWN__DRAIN", "100ms")
-            .env("ROOMCAST__LOG__LEVEL", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .env("ROOMCAST__SHUTDOWN__DRAIN", drain)
+            .env("ROOMCAST__LOG__LEVEL", log_level)
+            .stdout(output())
+            .stderr(output())
             .spawn()
             .expect("start the roomcast binary"),
     );
@@ -130,10 +130,5 @@ async fn sigterm_still_stops_the_node_when_its_log_output_is_a_broken_pipe() {
         tokio::net::TcpStream::connect(addr).await.is_ok()
     })
     .await;
-    // Whoever read the logs went away (a log shipper died, `roomcast | head`).
-    drop(child.0.stdout.take());
-    drop(child.0.stderr.take());
-    child.signal("TERM");
-    let exit = child.exited("the binary to exit after SIGTERM").await;
-    assert_eq!(exit.code(), Some(0));
+    (child, addr)
 }
