@@ -2,11 +2,13 @@
 # Runs roomcast and the Node `ws` + ioredis peer (bench/peers/node-ws) one after the
 # other on this machine, against one private Redis, under the same load from
 # roomcast-bench, and prints a Markdown table. Loopback (127.0.0.0/8) only.
-# Optional third peer: the single-process Python `websockets` server
-# (bench/peers/python-ws, no Redis), with SERVERS="roomcast node-ws python-ws".
+# Optional peers, named in SERVERS:
+#   uws        uWebSockets.js (native uWS) + ioredis (bench/peers/uws), same Redis layout as node-ws
+#   python-ws  the single-process Python `websockets` server (bench/peers/python-ws, no Redis)
 #
 #   bash bench/compare.sh                 # standard fan-out scenario
 #   QUICK=1 bash bench/compare.sh         # short smoke run
+#   SERVERS="roomcast uws node-ws" bash bench/compare.sh
 #   MODE=idle CONNS=10000 bash bench/compare.sh
 #   MODE=ramp bash bench/compare.sh
 #
@@ -47,7 +49,7 @@ STEP_DURATION=${STEP_DURATION:-10}
 MAX_P99_MS=${MAX_P99_MS:-50}
 MAX_LOSS=${MAX_LOSS:-0.001}
 MAX_STEPS=${MAX_STEPS:-12}
-SERVERS=${SERVERS:-roomcast node-ws}   # add python-ws for the single-process Python peer
+SERVERS=${SERVERS:-roomcast node-ws}   # add uws (uWebSockets.js) and/or python-ws (single-process Python)
 NODES=${NODES:-1}                   # server processes per server kind, all on SERVER_CPU, one Redis
 ROOMCAST_PROTOCOLS=${ROOMCAST_PROTOCOLS:-json}   # e.g. "json raw"
 SERVER_CPU=${SERVER_CPU:-0}         # core for Redis and the server under test
@@ -60,7 +62,7 @@ log() { echo "==> $*" >&2; }
 
 case $MODE in fanout | idle | ramp) ;; *) die "MODE must be fanout, idle or ramp (got '$MODE')" ;; esac
 for server in $SERVERS; do
-  case $server in roomcast | node-ws | python-ws) ;; *) die "unknown server '$server' in SERVERS (roomcast, node-ws, python-ws)" ;; esac
+  case $server in roomcast | node-ws | uws | python-ws) ;; *) die "unknown server '$server' in SERVERS (roomcast, node-ws, uws, python-ws)" ;; esac
 done
 # python-ws is one process with rooms in memory: it cannot be clustered, so NODES>1 skips it.
 PYWS=0 PYWS_SKIPPED=0
@@ -100,15 +102,30 @@ TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 ROOMCAST_BIN=$TARGET_DIR/release/roomcast
 BENCH_BIN=$TARGET_DIR/release/roomcast-bench
 PEER_DIR=$ROOT/bench/peers/node-ws
+UWS_DIR=$ROOT/bench/peers/uws
+UWS_PKG=$UWS_DIR/node_modules/@trufflesuite/uws-js-unofficial
+NODEWS=0 UWS=0
+[[ " $SERVERS " != *" node-ws "* ]] || NODEWS=1
+[[ " $SERVERS " != *" uws "* ]] || UWS=1
 if [[ $SKIP_BUILD != 1 ]]; then
   log "cargo build --release -p roomcast -p roomcast-bench"
   cargo build --release -p roomcast -p roomcast-bench
-  log "npm ci (bench/peers/node-ws)"
-  npm ci --prefix "$PEER_DIR" --no-audit --no-fund --loglevel=error >/dev/null
+  if [[ $NODEWS == 1 ]]; then
+    log "npm ci (bench/peers/node-ws)"
+    npm ci --prefix "$PEER_DIR" --no-audit --no-fund --loglevel=error >/dev/null
+  fi
+fi
+# uws: its node_modules is large (the uWS binaries of every platform), so it is installed
+# only when missing, and only when uws is in SERVERS — also with SKIP_BUILD=1.
+if [[ $UWS == 1 && ! -d $UWS_PKG ]]; then
+  log "npm ci (bench/peers/uws)"
+  npm ci --prefix "$UWS_DIR" --no-audit --no-fund --loglevel=error >/dev/null \
+    || die "npm ci in bench/peers/uws failed; run: npm ci --prefix bench/peers/uws"
 fi
 [[ -x $ROOMCAST_BIN ]] || die "$ROOMCAST_BIN not found (build failed or SKIP_BUILD=1 without a build)"
 [[ -x $BENCH_BIN ]] || die "$BENCH_BIN not found"
-[[ -d $PEER_DIR/node_modules/ws ]] || die "run: npm ci --prefix bench/peers/node-ws"
+[[ $NODEWS == 0 || -d $PEER_DIR/node_modules/ws ]] || die "run: npm ci --prefix bench/peers/node-ws"
+[[ $UWS == 0 || -d $UWS_PKG/binaries ]] || die "run: npm ci --prefix bench/peers/uws"
 
 # python-ws: a venv in its folder (git-ignored) with the pinned `websockets`. Done even with
 # SKIP_BUILD=1; pip does nothing (and needs no network) once the pinned version is installed.
@@ -243,6 +260,13 @@ start_server() { # start_server NAME LOGFILE: NODES processes of one kind
         PIDS+=("$pid")
         wait_until 30 "$pid" "$logf.$i" node-ws tcp_open "$port"
         ;;
+      uws) # server.js loads the native binary itself and exits if it cannot
+        env HOST=127.0.0.1 PORT="$port" REDIS_URL="$REDIS_URL" \
+          taskset -c "$SERVER_CPU" node "$UWS_DIR/server.js" >"$logf.$i" 2>&1 &
+        pid=$!
+        PIDS+=("$pid")
+        wait_until 30 "$pid" "$logf.$i" uws tcp_open "$port"
+        ;;
       python-ws) # no Redis: single process, rooms in memory
         env HOST=127.0.0.1 PORT="$port" \
           taskset -c "$SERVER_CPU" "$VENV/bin/python" "$PY_DIR/server.py" >"$logf.$i" 2>&1 &
@@ -250,7 +274,7 @@ start_server() { # start_server NAME LOGFILE: NODES processes of one kind
         PIDS+=("$pid")
         wait_until 30 "$pid" "$logf.$i" python-ws tcp_open "$port"
         ;;
-      *) die "unknown server '$name' in SERVERS (roomcast, node-ws, python-ws)" ;;
+      *) die "unknown server '$name' in SERVERS (roomcast, node-ws, uws, python-ws)" ;;
     esac
     SERVER_PIDS+=("$pid")
     URLS+=(--url "ws://127.0.0.1:$port")
