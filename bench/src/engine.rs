@@ -193,7 +193,7 @@ impl Session {
                 wins: Vec::new(),
                 reported: 0,
             };
-            let target = cfg.targets[i % cfg.targets.len()].clone();
+            let target = cfg.targets[node_for(i, cfg.rooms, cfg.targets.len())].clone();
             let source = cfg.source(i, &target);
             let (sem, failures, ready) = (sem.clone(), failures.clone(), ready_tx.clone());
             let (cmd, tx) = (sub_cmd.subscribe(), report_tx.clone());
@@ -222,7 +222,7 @@ impl Session {
             });
             pub_counters.push(counters.clone());
             let room = cfg.room_name(p % cfg.rooms);
-            let target = cfg.targets[p % cfg.targets.len()].clone();
+            let target = cfg.targets[node_for(p, cfg.rooms, cfg.targets.len())].clone();
             let source = cfg.source(cfg.subscribers + p, &target);
             let publisher = Publisher {
                 idx: p,
@@ -396,6 +396,15 @@ impl Session {
             }
         }
     }
+}
+
+/// Which gateway URL connection `i` (in room `i % rooms`) goes to. Plain
+/// `i % nodes` would put a whole room on one node whenever `rooms` is a
+/// multiple of `nodes`, so nothing would cross between nodes; shifting by
+/// `i / rooms` (the connection's place within its room) spreads every room's
+/// subscribers, and the publishers, evenly over all nodes.
+fn node_for(i: usize, rooms: usize, nodes: usize) -> usize {
+    (i / rooms + i % rooms) % nodes
 }
 
 fn pubs_in_room(room: usize, rooms: usize, publishers: usize) -> usize {
@@ -680,6 +689,32 @@ impl Publisher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_room_spans_every_node() {
+        for (rooms, nodes) in [(20usize, 2usize), (4, 2), (1, 2), (5, 2), (6, 3), (20, 4)] {
+            let subs = rooms * nodes * 3;
+            for room in 0..rooms {
+                let mut per_node = vec![0; nodes];
+                for i in (room..subs).step_by(rooms) {
+                    per_node[node_for(i, rooms, nodes)] += 1;
+                }
+                assert!(
+                    per_node.iter().all(|&n| n == 3),
+                    "rooms={rooms} nodes={nodes} room={room}: {per_node:?}"
+                );
+            }
+            // Publishers (one per room here) are spread over the nodes too.
+            let mut pubs = vec![0; nodes];
+            for p in 0..rooms.max(nodes) {
+                pubs[node_for(p, rooms, nodes)] += 1;
+            }
+            assert!(
+                pubs.iter().all(|&n| n > 0),
+                "rooms={rooms} nodes={nodes}: {pubs:?}"
+            );
+        }
+    }
 
     #[test]
     fn publishers_per_room() {

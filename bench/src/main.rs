@@ -49,7 +49,7 @@ enum Cmd {
 
 #[derive(Args, Debug, Clone)]
 struct CommonArgs {
-    /// Base URL of a gateway node (repeatable; connections are spread round-robin)
+    /// Base URL of a gateway node (repeatable; every room's subscribers and the publishers are spread evenly over the nodes)
     #[arg(
         long = "url",
         value_name = "URL",
