@@ -15,7 +15,7 @@ use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, Publish, Reply};
 use crate::hub::RoomPin;
 use crate::limit::RateLimit;
 use crate::peer::Peer;
@@ -328,15 +328,14 @@ impl Conn {
                     ));
                 }
                 let envelope = protocol::json_envelope(&event, &self.peer.id, data);
-                match self.gw.publish(&room, envelope).await {
-                    Ok(()) => {
-                        self.gw.metrics.messages_in.inc();
-                        self.ack(id);
-                    }
-                    Err(e) => {
-                        self.reject(Rejection::new(id, ErrorCode::Unavailable, e.to_string()))
-                    }
-                }
+                self.gw
+                    .enqueue(Publish {
+                        room: room.into_owned(),
+                        envelope,
+                        peer: self.peer.clone(),
+                        reply: Reply::Ack(id),
+                    })
+                    .await;
             }
             Request::Ping => {
                 self.peer.send(&protocol::pong_frame(id));
@@ -355,17 +354,14 @@ impl Conn {
             return;
         };
         let envelope = protocol::raw_envelope(&self.peer.id, payload, binary);
-        match self.gw.publish(room, envelope).await {
-            Ok(()) => self.gw.metrics.messages_in.inc(),
-            Err(e) => {
-                tracing::debug!(conn = %self.peer.id, error = %e, "raw message dropped");
-                self.gw
-                    .metrics
-                    .messages_dropped
-                    .with_label_values(&["unavailable"])
-                    .inc();
-            }
-        }
+        self.gw
+            .enqueue(Publish {
+                room: room.clone(),
+                envelope,
+                peer: self.peer.clone(),
+                reply: Reply::Raw,
+            })
+            .await;
     }
 }
 

@@ -6,11 +6,36 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, BusError};
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::peer::Peer;
+use crate::protocol::{self, ErrorCode, Rejection};
+
+/// Client messages waiting for the publisher task, node-wide.
+const PUBLISH_QUEUE: usize = 8192;
+/// Most client messages sent to the bus as one pipeline.
+const PUBLISH_BATCH: usize = 512;
+
+/// A message a client sent, on its way to the bus.
+pub struct Publish {
+    pub room: String,
+    pub envelope: Bytes,
+    pub peer: Arc<Peer>,
+    pub reply: Reply,
+}
+
+/// What the client hears once the bus has taken (or refused) its message.
+pub enum Reply {
+    /// JSON `send`: an `ack` with this id (none without an id), or an error frame.
+    Ack(Option<u64>),
+    /// Raw mode: nothing; a refused message is counted as dropped.
+    Raw,
+}
 
 pub struct Gateway {
     pub config: Config,
@@ -22,6 +47,7 @@ pub struct Gateway {
     /// Set when shutdown begins: not ready, no new WebSocket connections.
     pub draining: AtomicBool,
     next_seq: AtomicU64,
+    publishes: mpsc::Sender<Publish>,
 }
 
 impl Gateway {
@@ -31,8 +57,9 @@ impl Gateway {
         hub: Arc<Hub>,
         bus: Arc<dyn Bus>,
         metrics: Arc<Metrics>,
-    ) -> Self {
-        Gateway {
+    ) -> (Self, mpsc::Receiver<Publish>) {
+        let (publishes, queue) = mpsc::channel(PUBLISH_QUEUE);
+        let gw = Gateway {
             config,
             node_id,
             hub,
@@ -40,7 +67,9 @@ impl Gateway {
             metrics,
             draining: AtomicBool::new(false),
             next_seq: AtomicU64::new(1),
-        }
+            publishes,
+        };
+        (gw, queue)
     }
 
     pub fn next_seq(&self) -> u64 {
@@ -50,6 +79,44 @@ impl Gateway {
     /// Ready for traffic: not draining, and the bus is up.
     pub fn ready(&self) -> bool {
         !self.draining.load(Ordering::Acquire) && self.bus.is_up()
+    }
+
+    /// Hand a client's message to the publisher task ([`run_publisher`]).
+    /// Waits only while the node-wide queue is full; the client's next
+    /// message is read without waiting for this one's round trip to the bus.
+    pub async fn enqueue(&self, publish: Publish) {
+        if let Err(mpsc::error::SendError(p)) = self.publishes.send(publish).await {
+            // The publisher has stopped: the node is shutting down.
+            self.settle(p, Err(BusError::Unavailable("shutting down".into())));
+        }
+    }
+
+    /// Tell the client what became of its message, and count it.
+    fn settle(&self, p: Publish, result: Result<(), BusError>) {
+        match (result, p.reply) {
+            (Ok(()), reply) => {
+                self.metrics.messages_in.inc();
+                self.metrics.bus_published.inc();
+                if let Reply::Ack(Some(id)) = reply {
+                    p.peer.send(&protocol::ack_frame(id));
+                }
+            }
+            (Err(e), Reply::Ack(id)) => {
+                let rejection = Rejection::new(id, ErrorCode::Unavailable, e.to_string());
+                self.metrics
+                    .client_errors
+                    .with_label_values(&[rejection.code.as_str()])
+                    .inc();
+                p.peer.send(&protocol::error_frame(&rejection));
+            }
+            (Err(e), Reply::Raw) => {
+                tracing::debug!(conn = %p.peer.id, error = %e, "raw message dropped");
+                self.metrics
+                    .messages_dropped
+                    .with_label_values(&["unavailable"])
+                    .inc();
+            }
+        }
     }
 
     /// Publish an envelope to a room, timed and counted.
@@ -63,5 +130,46 @@ impl Gateway {
                 .observe(started.elapsed().as_secs_f64());
         }
         result
+    }
+}
+
+/// The node's publisher: takes every client message queued so far and sends
+/// them to the bus as one batch (one Redis pipeline), then answers each
+/// client. Queue order is kept, so each client's messages reach the bus in
+/// the order it sent them; one batch is in flight at a time.
+pub async fn run_publisher(
+    gw: Arc<Gateway>,
+    mut queue: mpsc::Receiver<Publish>,
+    stop: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+    loop {
+        let taken = tokio::select! {
+            _ = stop.cancelled() => return,
+            n = queue.recv_many(&mut batch, PUBLISH_BATCH) => n,
+        };
+        if taken == 0 {
+            return;
+        }
+        let (items, waiting): (Vec<_>, Vec<_>) = batch
+            .drain(..)
+            .map(|p| ((p.room, p.envelope), (p.peer, p.reply)))
+            .unzip();
+        let started = Instant::now();
+        let results = gw.bus.publish_batch(&items).await;
+        gw.metrics
+            .bus_publish_seconds
+            .observe(started.elapsed().as_secs_f64());
+        for (((room, envelope), (peer, reply)), result) in
+            items.into_iter().zip(waiting).zip(results)
+        {
+            let p = Publish {
+                room,
+                envelope,
+                peer,
+                reply,
+            };
+            gw.settle(p, result);
+        }
     }
 }

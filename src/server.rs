@@ -30,7 +30,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::conn::{self, Accepted, CLOSE_GRACE};
-use crate::gateway::Gateway;
+use crate::gateway::{self, Gateway};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::protocol::{self, Format};
@@ -65,8 +65,10 @@ pub async fn run(
         stop.clone(),
     );
     let node_id = config.node_id();
-    let gw = Arc::new(Gateway::new(config, node_id, hub, bus, metrics));
+    let (gw, publishes) = Gateway::new(config, node_id, hub, bus, metrics);
+    let gw = Arc::new(gw);
     background.spawn(conn::heartbeats(gw.clone(), stop.clone()));
+    background.spawn(gateway::run_publisher(gw.clone(), publishes, stop.clone()));
     tracing::info!(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         node = %gw.node_id,

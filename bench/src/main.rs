@@ -2,12 +2,14 @@
 //!
 //! Modes: `fanout` (one measured window), `ramp` (rising rate until latency
 //! or loss thresholds break), `idle` (many quiet connections, server memory
-//! per connection). Each prints a human summary on stderr and one JSON line
+//! per connection), `floor` (the kernel's cost of one small `send` on this
+//! machine, no server involved). Each prints a human summary on stderr and one JSON line
 //! per report on stdout.
 
 mod conn;
 mod engine;
 mod fanout;
+mod floor;
 mod idle;
 mod payload;
 mod procfs;
@@ -45,6 +47,8 @@ enum Cmd {
     Ramp(RampArgs),
     /// Many idle connections: server RSS per connection
     Idle(IdleArgs),
+    /// No server: the CPU one small send() costs on this machine, the floor under any gateway
+    Floor(FloorArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -167,6 +171,34 @@ struct IdleArgs {
     room_prefix: String,
 }
 
+#[derive(Args, Debug, Clone)]
+struct FloorArgs {
+    /// Loopback TCP connections (each end is a file descriptor: 2 per connection)
+    #[arg(long, default_value_t = 2000)]
+    connections: usize,
+    /// Sockets written per burst (one "room"); bursts move round-robin over the groups
+    #[arg(long, default_value_t = 100)]
+    group: usize,
+    /// Bursts to send
+    #[arg(long, default_value_t = 4000)]
+    bursts: usize,
+    /// Microseconds between bursts
+    #[arg(long, default_value_t = 2500)]
+    interval_us: u64,
+    /// Bytes per send (a 100-byte payload framed: 102 B plain, about 180 B as roomcast's JSON msg)
+    #[arg(long, default_value_t = 150)]
+    size: usize,
+    /// How the sender writes
+    #[arg(long, value_enum, default_value_t = floor::SendMode::Send)]
+    send_mode: floor::SendMode,
+    /// Core to pin the sender to (-1: no pinning)
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    sender_cpu: i64,
+    /// Core to pin the reader to (-1: no pinning)
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    reader_cpu: i64,
+}
+
 /// A usage / safety error: printed, exit code 2.
 struct UsageError(String);
 
@@ -273,6 +305,7 @@ enum Job {
     Fanout(LoadCfg, fanout::FanoutPlan),
     Ramp(LoadCfg, fanout::RampPlan),
     Idle(idle::IdleCfg),
+    Floor(floor::FloorCfg),
 }
 
 impl Job {
@@ -281,13 +314,15 @@ impl Job {
             Job::Fanout(_, p) => p.threads,
             Job::Ramp(_, p) => p.threads,
             Job::Idle(c) => c.threads,
+            Job::Floor(_) => 1,
         }
     }
 
-    fn targets_mut(&mut self) -> &mut Vec<Target> {
+    fn targets_mut(&mut self) -> &mut [Target] {
         match self {
             Job::Fanout(c, _) | Job::Ramp(c, _) => &mut c.targets,
             Job::Idle(c) => &mut c.targets,
+            Job::Floor(_) => &mut [],
         }
     }
 }
@@ -360,6 +395,21 @@ fn plan(cli: Cli) -> Result<(Job, bool), UsageError> {
             };
             Ok((Job::Idle(cfg), a.common.allow_remote))
         }
+        Cmd::Floor(a) => {
+            let connections = count("connections", a.connections, 1, MAX_CONNECTIONS / 2)?;
+            let cpu = |v: i64| usize::try_from(v).ok();
+            let cfg = floor::FloorCfg {
+                connections,
+                group: count("group", a.group, 1, connections)?,
+                bursts: count("bursts", a.bursts, 1, 1_000_000)?,
+                interval: secs("interval-us", a.interval_us as f64 / 1e6, true)?,
+                size: count("size", a.size, 1, 1 << 20)?,
+                mode: a.send_mode,
+                sender_cpu: cpu(a.sender_cpu),
+                reader_cpu: cpu(a.reader_cpu),
+            };
+            Ok((Job::Floor(cfg), false))
+        }
     }
 }
 
@@ -373,6 +423,9 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if let Job::Floor(cfg) = job {
+        std::process::exit(floor::run_floor(cfg));
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(job.threads())
         .enable_all()
@@ -395,6 +448,7 @@ fn main() {
             Job::Fanout(cfg, p) => fanout::run_fanout(cfg, p).await,
             Job::Ramp(cfg, p) => fanout::run_ramp(cfg, p).await,
             Job::Idle(cfg) => idle::run_idle(cfg).await,
+            Job::Floor(_) => 2, // run above, without a runtime
         }
     });
     // Don't wait for stragglers (connections being torn down).

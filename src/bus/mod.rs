@@ -39,6 +39,21 @@ pub trait Bus: Send + Sync + 'static {
     fn publish<'a>(&'a self, room: &'a str, envelope: Bytes)
         -> BoxFuture<'a, Result<(), BusError>>;
 
+    /// Publish several `(room, envelope)`s in this order, as one round trip
+    /// where the backend can; one result per item, in the same order.
+    fn publish_batch<'a>(
+        &'a self,
+        items: &'a [(String, Bytes)],
+    ) -> BoxFuture<'a, Vec<Result<(), BusError>>> {
+        Box::pin(async move {
+            let mut results = Vec::with_capacity(items.len());
+            for (room, envelope) in items {
+                results.push(self.publish(room, envelope.clone()).await);
+            }
+            results
+        })
+    }
+
     /// Whether the bus is connected and its subscriptions are in place.
     fn is_up(&self) -> bool;
 }

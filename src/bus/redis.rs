@@ -67,20 +67,44 @@ impl Bus for RedisBus {
         envelope: Bytes,
     ) -> BoxFuture<'a, Result<(), BusError>> {
         async move {
-            let Some(mut conn) = self.publisher.read().clone() else {
-                return Err(BusError::Unavailable("redis is not connected".into()));
+            let items = [(room.to_owned(), envelope)];
+            let mut results = self.publish_batch(&items).await;
+            results.pop().unwrap_or(Ok(()))
+        }
+        .boxed()
+    }
+
+    /// Every PUBLISH of the batch in one pipeline: one write, one round trip.
+    fn publish_batch<'a>(
+        &'a self,
+        items: &'a [(String, Bytes)],
+    ) -> BoxFuture<'a, Vec<Result<(), BusError>>> {
+        async move {
+            let failed = |reason: &str| -> Vec<Result<(), BusError>> {
+                items
+                    .iter()
+                    .map(|_| Err(BusError::Unavailable(reason.to_owned())))
+                    .collect()
             };
-            let mut cmd = redis::cmd("PUBLISH");
-            cmd.arg(self.channel(room)).arg(&envelope[..]);
-            match timeout(self.config.timeout, cmd.query_async::<i64>(&mut conn)).await {
-                Ok(Ok(_)) => Ok(()),
+            let Some(mut conn) = self.publisher.read().clone() else {
+                return failed("redis is not connected");
+            };
+            let mut pipe = redis::pipe();
+            for (room, envelope) in items {
+                pipe.cmd("PUBLISH")
+                    .arg(self.channel(room))
+                    .arg(&envelope[..])
+                    .ignore();
+            }
+            match timeout(self.config.timeout, pipe.query_async::<()>(&mut conn)).await {
+                Ok(Ok(())) => items.iter().map(|_| Ok(())).collect(),
                 Ok(Err(e)) => {
                     self.suspect.notify_one();
-                    Err(BusError::Unavailable(format!("redis publish failed: {e}")))
+                    failed(&format!("redis publish failed: {e}"))
                 }
                 Err(_) => {
                     self.suspect.notify_one();
-                    Err(BusError::Unavailable("redis publish timed out".into()))
+                    failed("redis publish timed out")
                 }
             }
         }
