@@ -40,56 +40,12 @@ pub struct Accepted {
 }
 
 /// Serve one connection until it closes.
-pub async fn serve(gw: Arc<Gateway>, accepted: Accepted) {
-    let seq = gw.next_seq();
-    let id: Arc<str> = Arc::from(format!("{}-{seq:x}", gw.node_id));
-    let peer = Arc::new(Peer::new(
-        id,
-        seq,
-        accepted.format,
-        accepted.socket,
-        gw.config.limits.outbound_queue_bytes,
-        gw.hub.now_ms(),
-    ));
-    gw.hub.register(peer.clone());
-    gw.metrics.connections_opened.inc();
-    let started = Instant::now();
-    if peer.format == Format::Json {
-        peer.send(&protocol::welcome_frame(&peer.id, &gw.node_id));
-    }
-    let mut rooms = Vec::with_capacity(accepted.rooms.len());
-    for (room, pin) in accepted.rooms {
-        gw.hub.join(&room, &peer);
-        drop(pin);
-        rooms.push(room);
-    }
-    let reader = FrameReader::new(
-        gw.config.limits.max_message_bytes,
-        gw.config.limits.read_buffer_bytes,
-        accepted.leftover,
-    );
-    let mut conn = Conn {
-        gw: gw.clone(),
-        peer: peer.clone(),
-        rooms,
-        reader,
-        limit: RateLimit::new(
-            gw.config.limits.messages_per_second,
-            gw.config.limits.messages_burst,
-        ),
-        close_done: false,
-    };
-    conn.run().await;
-    // End the TCP connection now, even if a fan-out still holds the peer for a moment.
-    let _ = socket2::SockRef::from(&peer.socket).shutdown(std::net::Shutdown::Both);
-    for room in &conn.rooms {
-        gw.hub.leave(room, &peer);
-    }
-    gw.hub.unregister(&peer);
-    gw.metrics
-        .connection_duration_seconds
-        .observe(started.elapsed().as_secs_f64());
-    tracing::debug!(conn = %peer.id, "connection closed");
+///
+/// The set-up is synchronous, so the returned future — the state an idle
+/// connection keeps for its whole life — holds only the [`Conn`] and its
+/// read loop, not the set-up's locals.
+pub fn serve(gw: Arc<Gateway>, accepted: Accepted) -> impl std::future::Future<Output = ()> {
+    Conn::open(gw, accepted).serve()
 }
 
 struct Conn {
@@ -101,6 +57,7 @@ struct Conn {
     limit: RateLimit,
     /// The close handshake is complete (we replied to the client's close, or it answered ours).
     close_done: bool,
+    started: Instant,
 }
 
 /// Whether to keep serving after handling input.
@@ -110,6 +67,71 @@ enum Flow {
 }
 
 impl Conn {
+    /// Register the client, greet it (JSON) and join the rooms it asked for.
+    fn open(gw: Arc<Gateway>, accepted: Accepted) -> Conn {
+        let seq = gw.next_seq();
+        let id: Arc<str> = Arc::from(format!("{}-{seq:x}", gw.node_id));
+        let peer = Arc::new(Peer::new(
+            id,
+            seq,
+            accepted.format,
+            accepted.socket,
+            gw.config.limits.outbound_queue_bytes,
+            gw.hub.now_ms(),
+        ));
+        gw.hub.register(peer.clone());
+        gw.metrics.connections_opened.inc();
+        if peer.format == Format::Json {
+            peer.send(&protocol::welcome_frame(&peer.id, &gw.node_id));
+        }
+        let mut rooms = Vec::with_capacity(accepted.rooms.len());
+        for (room, pin) in accepted.rooms {
+            gw.hub.join(&room, &peer);
+            drop(pin);
+            rooms.push(room);
+        }
+        let reader = FrameReader::new(
+            gw.config.limits.max_message_bytes,
+            gw.config.limits.read_buffer_bytes,
+            accepted.leftover,
+        );
+        let limit = RateLimit::new(
+            gw.config.limits.messages_per_second,
+            gw.config.limits.messages_burst,
+        );
+        Conn {
+            gw,
+            peer,
+            rooms,
+            reader,
+            limit,
+            close_done: false,
+            started: Instant::now(),
+        }
+    }
+
+    /// Run until the connection ends, then leave everything it joined.
+    ///
+    /// An `async` block rather than an `async fn(self)`: the compiler keeps an
+    /// `async fn`'s by-value argument twice in its future (rust-lang/rust#62958),
+    /// which here would be 190 more bytes in every idle connection.
+    fn serve(mut self) -> impl std::future::Future<Output = ()> {
+        async move {
+            self.run().await;
+            let (gw, peer) = (&self.gw, &self.peer);
+            // End the TCP connection now, even if a fan-out still holds the peer for a moment.
+            let _ = socket2::SockRef::from(&peer.socket).shutdown(std::net::Shutdown::Both);
+            for room in &self.rooms {
+                gw.hub.leave(room, peer);
+            }
+            gw.hub.unregister(peer);
+            gw.metrics
+                .connection_duration_seconds
+                .observe(self.started.elapsed().as_secs_f64());
+            tracing::debug!(conn = %peer.id, "connection closed");
+        }
+    }
+
     /// Serve until the connection ends. The closing phase (bounded by
     /// [`CLOSE_GRACE`]) runs in a boxed future, so that the state an idle
     /// connection keeps between wake-ups stays small.

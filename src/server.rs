@@ -349,6 +349,7 @@ async fn upgrade(
 
     let on_upgrade = hyper::upgrade::on(&mut req);
     let task_gw = gw.clone();
+    let tracker = connections.clone();
     connections.spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
@@ -370,7 +371,9 @@ async fn upgrade(
             format,
             rooms,
         };
-        conn::serve(task_gw, accepted).await;
+        // A task of its own, so that an idle connection keeps only the
+        // connection's state (about 600 bytes), not this upgrade future's too.
+        tracker.spawn(conn::serve(task_gw, accepted));
     });
 
     let mut resp = Response::new(Full::new(Bytes::new()));
