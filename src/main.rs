@@ -1,5 +1,8 @@
 //! The `roomcast` binary: config → tracing → bind → [`roomcast::run`] → exit code.
 
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
