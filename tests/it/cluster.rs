@@ -205,3 +205,55 @@ async fn a_join_storm_over_many_rooms_ends_with_every_room_subscribed() {
     }
     assert_eq!(node.metric("roomcast_rooms").await, 45.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_sends_is_acked_and_delivered_in_order_across_nodes() {
+    // Sends are pipelined to Redis (a client's next message is read before
+    // the previous one's PUBLISH returns): order must survive that.
+    const N: u64 = 300;
+    let redis = Redis::start().await;
+    let unlimited = [("ROOMCAST__LIMITS__MESSAGES_PER_SECOND", "0")];
+    let a = Node::ready(redis_config(&redis, "a", &unlimited)).await;
+    let b = Node::ready(redis_config(&redis, "b", &unlimited)).await;
+    let (mut sender, _) = Client::json(&a, &["burst"]).await;
+    let mut raw_sender = Client::raw(&a, "burst").await;
+    let (mut on_b, _) = Client::json(&b, &["burst"]).await;
+
+    // Interleave JSON and raw publishers on the same node, without waiting.
+    for n in 1..=N {
+        let mut frame = send_frame("burst", "seq", json!({"n": n}));
+        frame["id"] = n.into();
+        sender.send_json(frame).await;
+        raw_sender.send(Message::text(format!("raw-{n}"))).await;
+    }
+
+    let (mut acks, mut own) = (Vec::new(), Vec::new());
+    while acks.len() < N as usize || own.len() < N as usize {
+        let f = sender.recv_json().await;
+        match f["op"].as_str() {
+            Some("ack") => acks.push(f["id"].as_u64()),
+            Some("msg") if f["event"] == "seq" => own.push(f["data"]["n"].as_u64()),
+            Some("msg") => {} // the raw sender's messages
+            _ => panic!("unexpected frame: {f}"),
+        }
+    }
+    let expected: Vec<_> = (1..=N).map(Some).collect();
+    assert_eq!(acks, expected, "acks in the order the messages were sent");
+    assert_eq!(own, expected, "the sender's own echoes in order");
+
+    let (mut json_seen, mut raw_seen) = (Vec::new(), Vec::new());
+    while json_seen.len() < N as usize || raw_seen.len() < N as usize {
+        let f = on_b.recv_json().await;
+        if f["event"] == "seq" {
+            json_seen.push(f["data"]["n"].as_u64());
+        } else {
+            raw_seen.push(f["data"].as_str().map(str::to_owned));
+        }
+    }
+    assert_eq!(
+        json_seen, expected,
+        "the other node's client sees them in order"
+    );
+    let raw_expected: Vec<_> = (1..=N).map(|n| Some(format!("raw-{n}"))).collect();
+    assert_eq!(raw_seen, raw_expected, "raw messages in order too");
+}
