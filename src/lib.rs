@@ -17,7 +17,8 @@
 //! - [`hub`]: local rooms, subscription changes, fan-out; [`members`]: one
 //!   room's member list.
 //! - [`bus`]: trait [`bus::Bus`] with the `memory` and `redis` backends.
-//! - [`gateway`]: the state one node shares between all of the above.
+//! - [`gateway`]: the state one node shares between all of the above, and
+//!   the publisher task that sends client messages to the bus in batches.
 //! - [`config`], [`metrics`]: settings and Prometheus metrics.
 
 pub mod bus;

@@ -116,7 +116,7 @@ impl Metrics {
             )?,
             bus_publish_seconds: histogram(
                 "roomcast_bus_publish_seconds",
-                "Time to publish one message to the bus",
+                "Time for the bus to take one publish: a batch of client messages (one Redis pipeline) or one HTTP publish",
                 vec![
                     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                     1.0,
