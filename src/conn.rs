@@ -15,7 +15,7 @@ use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::gateway::{Gateway, Publish, Reply};
+use crate::gateway::{Admission, Gateway, Publish, Reply};
 use crate::hub::RoomPin;
 use crate::limit::RateLimit;
 use crate::peer::Peer;
@@ -31,6 +31,8 @@ const READS_PER_WAKE: usize = 16;
 
 /// A connection that passed the HTTP upgrade.
 pub struct Accepted {
+    /// Its place under `limits.max_connections`, kept until the connection ends.
+    pub admission: Admission,
     pub socket: TcpStream,
     /// Bytes the HTTP server read past the handshake (the start of the first frame).
     pub leftover: Bytes,
@@ -58,6 +60,7 @@ struct Conn {
     /// The close handshake is complete (we replied to the client's close, or it answered ours).
     close_done: bool,
     started: Instant,
+    _admission: Admission,
 }
 
 /// Whether to keep serving after handling input.
@@ -107,6 +110,7 @@ impl Conn {
             limit,
             close_done: false,
             started: Instant::now(),
+            _admission: accepted.admission,
         }
     }
 

@@ -1,7 +1,7 @@
 //! The state one gateway node shares between its HTTP routes, connections
 //! and background tasks.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -47,7 +47,19 @@ pub struct Gateway {
     /// Set when shutdown begins: not ready, no new WebSocket connections.
     pub draining: AtomicBool,
     next_seq: AtomicU64,
+    /// Connections admitted: from the handshake's check to the connection's end.
+    admitted: AtomicUsize,
     publishes: mpsc::Sender<Publish>,
+}
+
+/// A connection's place under `limits.max_connections`, held from the
+/// handshake until the connection ends; dropping it frees the place.
+pub struct Admission(Arc<Gateway>);
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.0.admitted.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Gateway {
@@ -67,6 +79,7 @@ impl Gateway {
             metrics,
             draining: AtomicBool::new(false),
             next_seq: AtomicU64::new(1),
+            admitted: AtomicUsize::new(0),
             publishes,
         };
         (gw, queue)
@@ -74,6 +87,26 @@ impl Gateway {
 
     pub fn next_seq(&self) -> u64 {
         self.next_seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Take a place for a new connection, or `None` when the node already
+    /// holds `limits.max_connections` (0: no limit). Places are reserved at
+    /// the handshake, so concurrent handshakes cannot overshoot the limit.
+    pub fn admit(self: &Arc<Self>) -> Option<Admission> {
+        let max = self.config.limits.max_connections;
+        let mut n = self.admitted.load(Ordering::Acquire);
+        loop {
+            if max > 0 && n >= max {
+                return None;
+            }
+            match self
+                .admitted
+                .compare_exchange_weak(n, n + 1, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Some(Admission(self.clone())),
+                Err(current) => n = current,
+            }
+        }
     }
 
     /// Ready for traffic: not draining, and the bus is up.

@@ -303,14 +303,14 @@ async fn upgrade(
             "this node is shutting down",
         );
     }
-    let max = gw.config.limits.max_connections;
-    if max > 0 && gw.hub.connection_count() >= max {
+    let Some(admission) = gw.admit() else {
+        let max = gw.config.limits.max_connections;
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "too_many_connections",
             &format!("this node holds its maximum of {max} connections"),
         );
-    }
+    };
     let key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
     let (Some(key), true, true) = (
         key,
@@ -366,6 +366,7 @@ async fn upgrade(
             }
         };
         let accepted = Accepted {
+            admission,
             socket: parts.io.into_inner(),
             leftover: parts.read_buf,
             format,

@@ -345,3 +345,34 @@ async fn a_full_node_refuses_new_clients_with_503_and_accepts_again_when_one_lea
     .await;
     let (_third, _) = Client::json(&node, &["r"]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_handshakes_never_push_a_node_past_its_maximum() {
+    const MAX: usize = 5;
+    const TRIES: usize = 40;
+    // On Redis, with a room each: every handshake waits for its SUBSCRIBE,
+    // which is when a check-then-register limit would let others slip in.
+    let redis = Redis::start().await;
+    let limit = [("ROOMCAST__LIMITS__MAX_CONNECTIONS", "5")];
+    let node = Node::ready(redis_config(&redis, "a", &limit)).await;
+    let attempts: Vec<_> = (0..TRIES)
+        .map(|i| {
+            let url = node.ws_url(&format!("room=r{i}"));
+            tokio::spawn(async move { tokio_tungstenite::connect_async(url).await })
+        })
+        .collect();
+    let (mut open, mut refused) = (Vec::new(), 0);
+    for attempt in attempts {
+        match within("a handshake", attempt).await.expect("task") {
+            Ok((ws, _)) => open.push(ws),
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                assert_eq!(resp.status().as_u16(), 503);
+                refused += 1;
+            }
+            Err(e) => panic!("unexpected handshake failure: {e}"),
+        }
+    }
+    assert_eq!(open.len(), MAX, "exactly the maximum got in");
+    assert_eq!(refused, TRIES - MAX);
+    assert_eq!(node.metric("roomcast_connections").await, MAX as f64);
+}
