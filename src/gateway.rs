@@ -120,18 +120,18 @@ impl Gateway {
     pub async fn enqueue(&self, publish: Publish) {
         if let Err(mpsc::error::SendError(p)) = self.publishes.send(publish).await {
             // The publisher has stopped: the node is shutting down.
-            self.settle(p, Err(BusError::Unavailable("shutting down".into())));
+            let refused = Err(BusError::Unavailable("shutting down".into()));
+            self.settle(&p.peer, p.reply, refused);
         }
     }
 
     /// Tell the client what became of its message, and count it.
-    fn settle(&self, p: Publish, result: Result<(), BusError>) {
-        match (result, p.reply) {
+    fn settle(&self, peer: &Peer, reply: Reply, result: Result<(), BusError>) {
+        match (result, reply) {
             (Ok(()), reply) => {
                 self.metrics.messages_in.inc();
-                self.metrics.bus_published.inc();
                 if let Reply::Ack(Some(id)) = reply {
-                    p.peer.send(&protocol::ack_frame(id));
+                    peer.send(&protocol::ack_frame(id));
                 }
             }
             (Err(e), Reply::Ack(id)) => {
@@ -140,10 +140,10 @@ impl Gateway {
                     .client_errors
                     .with_label_values(&[rejection.code.as_str()])
                     .inc();
-                p.peer.send(&protocol::error_frame(&rejection));
+                peer.send(&protocol::error_frame(&rejection));
             }
             (Err(e), Reply::Raw) => {
-                tracing::debug!(conn = %p.peer.id, error = %e, "raw message dropped");
+                tracing::debug!(conn = %peer.id, error = %e, "raw message dropped");
                 self.metrics
                     .messages_dropped
                     .with_label_values(&["unavailable"])
@@ -154,15 +154,23 @@ impl Gateway {
 
     /// Publish an envelope to a room, timed and counted.
     pub async fn publish(&self, room: &str, envelope: Bytes) -> Result<(), BusError> {
+        let mut results = self.publish_batch(&[(room.to_owned(), envelope)]).await;
+        results.pop().unwrap_or(Ok(()))
+    }
+
+    /// Publish `(room, envelope)`s in order as one bus round trip, timed
+    /// (when anything got through) and counted.
+    async fn publish_batch(&self, items: &[(String, Bytes)]) -> Vec<Result<(), BusError>> {
         let started = Instant::now();
-        let result = self.bus.publish(room, envelope).await;
-        if result.is_ok() {
-            self.metrics.bus_published.inc();
+        let results = self.bus.publish_batch(items).await;
+        let published = results.iter().filter(|r| r.is_ok()).count() as u64;
+        if published > 0 {
+            self.metrics.bus_published.inc_by(published);
             self.metrics
                 .bus_publish_seconds
                 .observe(started.elapsed().as_secs_f64());
         }
-        result
+        results
     }
 }
 
@@ -188,21 +196,9 @@ pub async fn run_publisher(
             .drain(..)
             .map(|p| ((p.room, p.envelope), (p.peer, p.reply)))
             .unzip();
-        let started = Instant::now();
-        let results = gw.bus.publish_batch(&items).await;
-        gw.metrics
-            .bus_publish_seconds
-            .observe(started.elapsed().as_secs_f64());
-        for (((room, envelope), (peer, reply)), result) in
-            items.into_iter().zip(waiting).zip(results)
-        {
-            let p = Publish {
-                room,
-                envelope,
-                peer,
-                reply,
-            };
-            gw.settle(p, result);
+        let results = gw.publish_batch(&items).await;
+        for ((peer, reply), result) in waiting.into_iter().zip(results) {
+            gw.settle(&peer, reply, result);
         }
     }
 }

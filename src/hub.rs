@@ -209,11 +209,6 @@ impl Hub {
         self.metrics.connections.set(peers.len() as i64);
     }
 
-    /// How many clients are connected.
-    pub fn connection_count(&self) -> usize {
-        self.peers.lock().len()
-    }
-
     /// Every connected client, for shutdown.
     pub fn peers(&self) -> Vec<Arc<Peer>> {
         self.peers_where(|_| true)
