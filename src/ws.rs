@@ -5,17 +5,17 @@
 //! unmasked, so header + payload are identical for every recipient; we build
 //! them once ([`text_frame`]) and write the shared bytes straight to each
 //! socket (see `peer.rs`), which tungstenite's per-connection write buffer
-//! cannot do. Header parsing and formatting stay tungstenite's
-//! ([`FrameHeader`]); this module adds the rules a server must enforce on
-//! client frames (masking, control-frame limits, fragmentation, UTF-8, size)
+//! cannot do. Client frames are parsed here, incrementally, with the rules a
+//! server must enforce (masking, control-frame limits, fragmentation, UTF-8
+//! as it arrives, size before the payload, close codes per RFC 6455 §7.4),
 //! and a read buffer that is only allocated while a connection is reading.
 
 use std::io::Cursor;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
 
+pub const OPCODE_CONTINUATION: u8 = 0x0;
 pub const OPCODE_TEXT: u8 = 0x1;
 pub const OPCODE_BINARY: u8 = 0x2;
 pub const OPCODE_CLOSE: u8 = 0x8;
@@ -120,112 +120,318 @@ impl FrameError {
 }
 
 /// Reassembles client messages from bytes read off the socket.
+///
+/// Every rule is checked as early as the bytes allow: the header's first two
+/// bytes (reserved bits, mask, opcode, fragmentation, control-frame limits),
+/// the length before the payload is read, and UTF-8 as each chunk of a text
+/// message arrives — not when the message completes.
+///
+/// Memory: `buf` holds at most the current frame's payload plus one read
+/// chunk, and `partial` at most `max_message` bytes. After the first error
+/// the reader is *failed*: it parses nothing more, and everything read into
+/// it afterwards is discarded, so a client that keeps streaming after its
+/// error costs one read chunk, never more.
 pub struct FrameReader {
     buf: BytesMut,
+    /// The frame whose header has been consumed and whose payload is arriving.
+    frame: Option<Frame>,
     /// A fragmented message in progress: (is_text, bytes so far).
     partial: Option<(bool, BytesMut)>,
+    /// UTF-8 state of the text message in progress, across frames and reads.
+    utf8: Utf8Check,
     max_message: usize,
     read_chunk: usize,
+    /// A protocol error was returned: input is discarded from now on.
+    failed: bool,
+}
+
+/// A frame header, parsed; its payload follows in `buf`.
+#[derive(Clone, Copy)]
+struct Frame {
+    fin: bool,
+    opcode: u8,
+    len: usize,
+    mask: [u8; 4],
+    /// Payload is text (a text frame, or a continuation of a text message).
+    text: bool,
+    /// Payload bytes at the front of `buf` already unmasked (and UTF-8 checked).
+    unmasked: usize,
 }
 
 impl FrameReader {
     pub fn new(max_message: usize, read_chunk: usize, leftover: Bytes) -> Self {
         FrameReader {
             buf: BytesMut::from(&leftover[..]),
+            frame: None,
             partial: None,
+            utf8: Utf8Check::default(),
             max_message,
             read_chunk,
+            failed: false,
         }
     }
 
     /// The buffer to read into, with room for at least one read chunk.
     pub fn read_buf(&mut self) -> &mut BytesMut {
+        if self.failed {
+            self.buf.clear();
+        }
         self.buf.reserve(self.read_chunk);
         &mut self.buf
+    }
+
+    /// Bytes received and not yet parsed (e.g. those that came with the handshake).
+    pub fn has_input(&self) -> bool {
+        !self.buf.is_empty() && !self.failed
+    }
+
+    /// Whether a protocol error has been returned (input is now discarded).
+    pub fn failed(&self) -> bool {
+        self.failed
     }
 
     /// Give the read buffer back to the allocator when nothing is pending,
     /// so an idle connection holds no buffer at all.
     pub fn release_if_idle(&mut self) {
-        if self.buf.is_empty() && self.partial.is_none() && self.buf.capacity() > 0 {
+        let idle = self.buf.is_empty() && self.partial.is_none() && self.frame.is_none();
+        if (idle || self.failed) && self.buf.capacity() > 0 {
             self.buf = BytesMut::new();
         }
     }
 
+    /// Bytes this reader holds allocated (buffer and partial message), for
+    /// tests and fuzzing of the memory bound.
+    #[doc(hidden)]
+    pub fn allocated(&self) -> usize {
+        self.buf.capacity() + self.partial.as_ref().map_or(0, |(_, p)| p.capacity())
+    }
+
     /// The next complete message, `Ok(None)` if more bytes are needed.
+    /// After an `Err`, always `Ok(None)`: the connection is being failed.
     pub fn next_message(&mut self) -> Result<Option<Incoming>, FrameError> {
+        if self.failed {
+            self.buf.clear();
+            return Ok(None);
+        }
+        let result = self.parse();
+        if result.is_err() {
+            self.failed = true;
+            self.buf = BytesMut::new();
+            self.partial = None;
+            self.frame = None;
+        }
+        result
+    }
+
+    fn parse(&mut self) -> Result<Option<Incoming>, FrameError> {
         loop {
-            let mut cursor = Cursor::new(&self.buf[..]);
-            let Some((header, len)) = FrameHeader::parse(&mut cursor)
-                .map_err(|_| FrameError::Protocol("malformed frame header"))?
-            else {
-                return Ok(None);
+            let mut frame = match self.frame {
+                Some(frame) => frame,
+                None => match self.header()? {
+                    Some(frame) => frame,
+                    None => return Ok(None),
+                },
             };
-            let header_len = cursor.position() as usize;
-            if header.rsv1 || header.rsv2 || header.rsv3 {
-                return Err(FrameError::Protocol("reserved bits set"));
+            let available = self.buf.len().min(frame.len);
+            if available > frame.unmasked {
+                let fresh = &mut self.buf[frame.unmasked..available];
+                unmask(fresh, rotate(frame.mask, frame.unmasked));
+                if frame.text {
+                    self.utf8.feed(fresh)?;
+                }
+                frame.unmasked = available;
             }
-            let Some(mask) = header.mask else {
-                return Err(FrameError::Protocol("client frames must be masked"));
-            };
-            let is_control = matches!(header.opcode, OpCode::Control(_));
-            if is_control && (len > 125 || !header.is_final) {
-                return Err(FrameError::Protocol("invalid control frame"));
-            }
-            let so_far = self.partial.as_ref().map_or(0, |(_, p)| p.len());
-            if !is_control && len.saturating_add(so_far as u64) > self.max_message as u64 {
-                return Err(FrameError::TooBig(self.max_message));
-            }
-            let len = len as usize;
-            if self.buf.len() < header_len + len {
-                self.buf.reserve(header_len + len - self.buf.len());
+            if available < frame.len {
+                self.frame = Some(frame);
+                self.buf.reserve(frame.len - self.buf.len());
                 return Ok(None);
             }
-            self.buf.advance(header_len);
-            let mut payload = self.buf.split_to(len);
-            unmask(&mut payload, mask);
-            match header.opcode {
-                OpCode::Control(Control::Ping) => {
-                    return Ok(Some(Incoming::Ping(payload.freeze())))
+            self.frame = None;
+            let payload = self.buf.split_to(frame.len);
+            if let Some(message) = self.complete_frame(frame, payload)? {
+                return Ok(Some(message));
+            }
+        }
+    }
+
+    /// Parse and check the next frame header and consume it; `None` if more
+    /// bytes are needed. Everything the first two bytes tell is checked as
+    /// soon as they are there.
+    fn header(&mut self) -> Result<Option<Frame>, FrameError> {
+        let [b0, b1, ..] = self.buf[..] else {
+            return Ok(None);
+        };
+        if b0 & 0x70 != 0 {
+            return Err(FrameError::Protocol("reserved bits set"));
+        }
+        if b1 & 0x80 == 0 {
+            return Err(FrameError::Protocol("client frames must be masked"));
+        }
+        let fin = b0 & 0x80 != 0;
+        let opcode = b0 & 0x0f;
+        let short_len = b1 & 0x7f;
+        let text = match opcode {
+            OPCODE_CONTINUATION => match &self.partial {
+                Some((is_text, _)) => *is_text,
+                None => return Err(FrameError::Protocol("continuation without a message")),
+            },
+            OPCODE_TEXT | OPCODE_BINARY => {
+                if self.partial.is_some() {
+                    return Err(FrameError::Protocol("new message inside a fragmented one"));
                 }
-                OpCode::Control(Control::Pong) => return Ok(Some(Incoming::Pong)),
-                OpCode::Control(Control::Close) => return close_payload(&payload).map(Some),
-                OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)) => {
-                    return Err(FrameError::Protocol("reserved opcode"))
+                opcode == OPCODE_TEXT
+            }
+            OPCODE_CLOSE | OPCODE_PING | OPCODE_PONG => {
+                if !fin || short_len > 125 {
+                    return Err(FrameError::Protocol("invalid control frame"));
                 }
-                OpCode::Data(Data::Continue) => {
-                    let Some((is_text, mut acc)) = self.partial.take() else {
-                        return Err(FrameError::Protocol("continuation without a message"));
-                    };
-                    acc.extend_from_slice(&payload);
-                    if header.is_final {
-                        return complete(is_text, acc).map(Some);
+                false
+            }
+            _ => return Err(FrameError::Protocol("reserved opcode")),
+        };
+        let (len, len_bytes) = match short_len {
+            126 => match self.buf.get(2..4) {
+                Some(b) => (u16::from_be_bytes([b[0], b[1]]) as u64, 2),
+                None => return Ok(None),
+            },
+            127 => match self.buf.get(2..10) {
+                Some(b) => {
+                    let len = u64::from_be_bytes(b.try_into().unwrap_or_default());
+                    if len >> 63 != 0 {
+                        return Err(FrameError::Protocol(
+                            "64-bit length with the most significant bit set",
+                        ));
                     }
+                    (len, 8)
+                }
+                None => return Ok(None),
+            },
+            n => (n as u64, 0),
+        };
+        let so_far = self.partial.as_ref().map_or(0, |(_, p)| p.len()) as u64;
+        if len.saturating_add(so_far) > self.max_message as u64 {
+            return Err(FrameError::TooBig(self.max_message));
+        }
+        let header_len = 2 + len_bytes + 4;
+        let Some(mask) = self.buf.get(header_len - 4..header_len) else {
+            return Ok(None);
+        };
+        let mask = [mask[0], mask[1], mask[2], mask[3]];
+        self.buf.advance(header_len);
+        if text && opcode == OPCODE_TEXT {
+            self.utf8 = Utf8Check::default();
+        }
+        Ok(Some(Frame {
+            fin,
+            opcode,
+            len: len as usize,
+            mask,
+            text,
+            unmasked: 0,
+        }))
+    }
+
+    /// A whole frame (payload unmasked) is in: a message, or `None` when it
+    /// was a fragment of one.
+    fn complete_frame(
+        &mut self,
+        frame: Frame,
+        payload: BytesMut,
+    ) -> Result<Option<Incoming>, FrameError> {
+        let message = match frame.opcode {
+            OPCODE_PING => Incoming::Ping(payload.freeze()),
+            OPCODE_PONG => Incoming::Pong,
+            OPCODE_CLOSE => close_payload(&payload)?,
+            OPCODE_CONTINUATION => {
+                let Some((is_text, mut acc)) = self.partial.take() else {
+                    return Err(FrameError::Protocol("continuation without a message"));
+                };
+                acc.extend_from_slice(&payload);
+                if !frame.fin {
                     self.partial = Some((is_text, acc));
+                    return Ok(None);
                 }
-                OpCode::Data(kind) => {
-                    if self.partial.is_some() {
-                        return Err(FrameError::Protocol("new message inside a fragmented one"));
-                    }
-                    let is_text = kind == Data::Text;
-                    if header.is_final {
-                        return complete(is_text, payload).map(Some);
-                    }
-                    self.partial = Some((is_text, payload));
-                }
+                self.message(is_text, acc)?
             }
+            _ => {
+                let is_text = frame.opcode == OPCODE_TEXT;
+                if !frame.fin {
+                    self.partial = Some((is_text, payload));
+                    return Ok(None);
+                }
+                self.message(is_text, payload)?
+            }
+        };
+        Ok(Some(message))
+    }
+
+    fn message(&mut self, is_text: bool, payload: BytesMut) -> Result<Incoming, FrameError> {
+        if is_text {
+            // Every byte was checked as it arrived; only an unfinished character remains to fail.
+            if !std::mem::take(&mut self.utf8).complete() {
+                return Err(FrameError::InvalidUtf8);
+            }
+            Ok(Incoming::Text(payload.freeze()))
+        } else {
+            Ok(Incoming::Binary(payload.freeze()))
         }
     }
 }
 
-fn complete(is_text: bool, payload: BytesMut) -> Result<Incoming, FrameError> {
-    let payload = payload.freeze();
-    if is_text {
-        std::str::from_utf8(&payload).map_err(|_| FrameError::InvalidUtf8)?;
-        Ok(Incoming::Text(payload))
-    } else {
-        Ok(Incoming::Binary(payload))
+/// Incremental UTF-8 validation: bytes arrive in pieces that may split a
+/// character; an invalid byte fails as soon as it is seen.
+#[derive(Default)]
+struct Utf8Check {
+    /// The start of a character whose remaining bytes have not arrived yet.
+    pending: [u8; 4],
+    pending_len: usize,
+}
+
+impl Utf8Check {
+    fn feed(&mut self, mut bytes: &[u8]) -> Result<(), FrameError> {
+        if self.pending_len > 0 {
+            let width = utf8_width(self.pending[0]);
+            let take = (width - self.pending_len).min(bytes.len());
+            self.pending[self.pending_len..self.pending_len + take].copy_from_slice(&bytes[..take]);
+            self.pending_len += take;
+            bytes = &bytes[take..];
+            match std::str::from_utf8(&self.pending[..self.pending_len]) {
+                Ok(_) => self.pending_len = 0,
+                Err(e) if e.error_len().is_none() => return Ok(()),
+                Err(_) => return Err(FrameError::InvalidUtf8),
+            }
+        }
+        match std::str::from_utf8(bytes) {
+            Ok(_) => Ok(()),
+            Err(e) if e.error_len().is_none() => {
+                let rest = &bytes[e.valid_up_to()..];
+                self.pending[..rest.len()].copy_from_slice(rest);
+                self.pending_len = rest.len();
+                Ok(())
+            }
+            Err(_) => Err(FrameError::InvalidUtf8),
+        }
     }
+
+    /// No character is left unfinished.
+    fn complete(&self) -> bool {
+        self.pending_len == 0
+    }
+}
+
+/// Length of the UTF-8 sequence that starts with `first` (a valid lead byte).
+fn utf8_width(first: u8) -> usize {
+    match first {
+        0xf0..=0xf4 => 4,
+        0xe0..=0xef => 3,
+        _ => 2,
+    }
+}
+
+/// A close code a client may send (RFC 6455 §7.4): the defined codes, the
+/// IANA-registered 1012–1014, and 3000–4999 for libraries and applications.
+pub fn valid_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 fn close_payload(payload: &[u8]) -> Result<Incoming, FrameError> {
@@ -233,10 +439,21 @@ fn close_payload(payload: &[u8]) -> Result<Incoming, FrameError> {
         [] => Ok(Incoming::Close(None)),
         [_] => Err(FrameError::Protocol("close payload of one byte")),
         [a, b, reason @ ..] => {
+            let code = u16::from_be_bytes([*a, *b]);
+            if !valid_close_code(code) {
+                return Err(FrameError::Protocol("invalid close code"));
+            }
             std::str::from_utf8(reason).map_err(|_| FrameError::InvalidUtf8)?;
-            Ok(Incoming::Close(Some(u16::from_be_bytes([*a, *b]))))
+            Ok(Incoming::Close(Some(code)))
         }
     }
+}
+
+/// The mask as it applies from payload offset `offset` on.
+fn rotate(mask: [u8; 4], offset: usize) -> [u8; 4] {
+    let mut m = mask;
+    m.rotate_left(offset % 4);
+    m
 }
 
 /// XOR the client's mask over the payload, eight bytes at a time.
@@ -355,6 +572,118 @@ mod tests {
             reader(&frame).next_message(),
             Ok(Some(Incoming::Close(Some(1000))))
         );
+    }
+
+    #[test]
+    fn invalid_utf8_fails_as_soon_as_it_arrives() {
+        // A fragmented text message whose first fragment is already invalid:
+        // the error comes before the rest of the message exists.
+        let first = client_frame(false, OPCODE_TEXT, b"ok \xce\xba \xff");
+        assert_eq!(reader(&first).next_message(), Err(FrameError::InvalidUtf8));
+        // The same inside one frame whose payload has only partly arrived.
+        let whole = client_frame(
+            true,
+            OPCODE_TEXT,
+            &[b"abc\xff".as_slice(), &[b'x'; 100]].concat(),
+        );
+        assert_eq!(
+            reader(&whole[..12]).next_message(),
+            Err(FrameError::InvalidUtf8)
+        );
+        // A character split across fragments and reads is fine.
+        let euro = "\u{20ac}".as_bytes();
+        let mut bytes = client_frame(false, OPCODE_TEXT, &euro[..1]);
+        bytes.extend(client_frame(false, 0x0, &euro[1..2]));
+        bytes.extend(client_frame(true, 0x0, &euro[2..]));
+        let mut r = reader(&[]);
+        for b in bytes {
+            r.read_buf().extend_from_slice(&[b]);
+            if let Some(m) = r.next_message().unwrap() {
+                assert_eq!(m, Incoming::Text(Bytes::from_static("\u{20ac}".as_bytes())));
+                return;
+            }
+        }
+        panic!("the split character never completed");
+    }
+
+    #[test]
+    fn an_unfinished_character_at_the_end_fails() {
+        let frame = client_frame(true, OPCODE_TEXT, &"\u{20ac}".as_bytes()[..2]);
+        assert_eq!(reader(&frame).next_message(), Err(FrameError::InvalidUtf8));
+    }
+
+    #[test]
+    fn close_codes_follow_rfc_6455_section_7_4() {
+        let close = |code: u16| {
+            let frame = client_frame(true, OPCODE_CLOSE, &code.to_be_bytes());
+            reader(&frame).next_message()
+        };
+        for ok in [1000, 1001, 1003, 1007, 1011, 1012, 1014, 3000, 4999] {
+            assert_eq!(close(ok), Ok(Some(Incoming::Close(Some(ok)))), "{ok}");
+        }
+        for bad in [
+            0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535,
+        ] {
+            assert_eq!(
+                close(bad).unwrap_err().close_code(),
+                close::PROTOCOL_ERROR,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_64_bit_length_with_the_top_bit_set_is_a_protocol_error() {
+        let mut frame = vec![0x82, 0x80 | 127];
+        frame.extend_from_slice(&(1u64 << 63).to_be_bytes());
+        frame.extend_from_slice(&[1, 2, 3, 4]);
+        assert_eq!(
+            reader(&frame).next_message().unwrap_err().close_code(),
+            close::PROTOCOL_ERROR
+        );
+    }
+
+    #[test]
+    fn rules_are_checked_from_the_first_two_bytes() {
+        // Reserved bits, no mask, a reserved opcode: known before the length or mask arrive.
+        for header in [[0xc1, 0x85], [0x81, 0x05], [0x83, 0x85]] {
+            assert_eq!(
+                reader(&header).next_message().unwrap_err().close_code(),
+                close::PROTOCOL_ERROR
+            );
+        }
+    }
+
+    #[test]
+    fn after_an_error_input_is_discarded_and_memory_stays_bounded() {
+        let mut r = reader(&[0xc1, 0x85]);
+        assert!(r.next_message().is_err());
+        for _ in 0..1000 {
+            let buf = r.read_buf();
+            let spare = buf.capacity() - buf.len();
+            buf.extend_from_slice(&vec![0xab; spare.max(64)]);
+            assert_eq!(r.next_message(), Ok(None));
+            assert!(
+                r.allocated() <= 4 * 64,
+                "reader holds {} bytes",
+                r.allocated()
+            );
+        }
+        r.release_if_idle();
+        assert_eq!(r.allocated(), 0);
+    }
+
+    #[test]
+    fn a_large_frame_is_buffered_only_up_to_its_length() {
+        let frame = client_frame(true, OPCODE_BINARY, &[7; 1000]);
+        let mut r = reader(&[]);
+        for chunk in frame.chunks(100) {
+            r.read_buf().extend_from_slice(chunk);
+            if let Some(m) = r.next_message().unwrap() {
+                assert_eq!(m, Incoming::Binary(Bytes::from(vec![7; 1000])));
+            }
+            assert!(r.allocated() <= 1024 + 64 + 14, "{}", r.allocated());
+        }
     }
 
     #[test]
