@@ -80,6 +80,27 @@ impl Outbox {
         self.queue.push_back(frame);
     }
 
+    /// `written` bytes from the front of the queue went out. A frame cut by
+    /// the write stays at the front, marked as started.
+    fn consume(&mut self, written: usize) {
+        self.queued -= written;
+        let mut left = written;
+        while left > 0 {
+            let Some(front) = self.queue.front_mut() else {
+                break;
+            };
+            if front.len() <= left {
+                left -= front.len();
+                self.queue.pop_front();
+                self.front_started = false;
+            } else {
+                front.advance(left);
+                self.front_started = true;
+                left = 0;
+            }
+        }
+    }
+
     /// Drop every queued frame except a partly written one.
     fn discard(&mut self) {
         let keep = if self.front_started {
@@ -200,20 +221,7 @@ impl Peer {
                     }
                 }
             };
-            out.queued -= written;
-            let mut left = written;
-            while left > 0 {
-                let Some(front) = out.queue.front_mut() else {
-                    break;
-                };
-                if front.len() <= left {
-                    left -= front.len();
-                    out.queue.pop_front();
-                } else {
-                    front.advance(left);
-                    left = 0;
-                }
-            }
+            out.consume(written);
         }
         Ok(true)
     }
@@ -224,5 +232,99 @@ impl Peer {
 
     pub fn last_seen(&self) -> u64 {
         self.last_seen.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::AsyncReadExt;
+
+    const PAYLOAD: usize = 1000;
+
+    /// A loopback socket pair with small kernel buffers, so that writes are
+    /// partial as soon as the reading side lags: the real thing, not a mock.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        socket2::SockRef::from(&server)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        socket2::SockRef::from(&client)
+            .set_recv_buffer_size(4096)
+            .unwrap();
+        (server, client)
+    }
+
+    fn frame(i: usize) -> Bytes {
+        ws::binary_frame(&[(i % 251) as u8; PAYLOAD])
+    }
+
+    /// Split what the client received into frames: (opcode, payload).
+    fn frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            let (opcode, payload) = ws::split_server_frame(bytes)
+                .unwrap_or_else(|| panic!("corrupt stream after {} frames", out.len()));
+            let header = if payload.len() < 126 { 2 } else { 4 };
+            out.push((opcode, payload.to_vec()));
+            bytes = &bytes[header + payload.len()..];
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_close_after_a_partial_flush_keeps_the_started_frame_whole() {
+        let (server, mut client) = pair().await;
+        let peer = Peer::new(Arc::from("p"), 1, Format::Raw, server, 1 << 24, 0);
+        // Fill the socket until frames wait in the queue.
+        let mut sent = 0;
+        while peer.out.lock().queue.len() < 200 {
+            assert_eq!(peer.send(&frame(sent)), Sent::Delivered);
+            sent += 1;
+        }
+        // Let the client read a little at a time until a flush cuts a frame.
+        let mut received = Vec::new();
+        let mut buf = vec![0u8; 700];
+        for _ in 0..1000 {
+            let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+                .await
+                .expect("client read")
+                .unwrap();
+            received.extend_from_slice(&buf[..n]);
+            peer.flush().unwrap();
+            let out = peer.out.lock();
+            if out.queue.front().is_some_and(|f| f.len() != PAYLOAD + 4) {
+                assert!(out.front_started, "a cut frame must be marked as started");
+                break;
+            }
+        }
+        // Now the client is closed as a slow consumer: queued frames are dropped,
+        // but the one whose start is on the wire must be finished first.
+        peer.close(close::SLOW_CONSUMER, "slow consumer", false);
+        loop {
+            let drained = peer.flush().unwrap();
+            let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+                .await
+                .expect("client read")
+                .unwrap();
+            received.extend_from_slice(&buf[..n]);
+            if drained && n == 0 || received.ends_with(b"slow consumer") {
+                break;
+            }
+        }
+        let got = frames(&received);
+        let (last, data) = got.split_last().unwrap();
+        assert_eq!(last.0, ws::OPCODE_CLOSE);
+        assert_eq!(&last.1[..2], &close::SLOW_CONSUMER.to_be_bytes());
+        assert!(data.len() < sent, "queued frames were dropped");
+        for (i, (opcode, payload)) in data.iter().enumerate() {
+            assert_eq!(*opcode, ws::OPCODE_BINARY);
+            assert_eq!(payload[..], [(i % 251) as u8; PAYLOAD], "frame {i}");
+        }
     }
 }
