@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::limit::Rate;
+
 /// The defaults, compiled in so the binary runs without any file.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
@@ -71,9 +73,10 @@ pub struct Limits {
     pub max_rooms_per_connection: usize,
     pub outbound_queue_bytes: usize,
     pub read_buffer_bytes: usize,
-    /// Sustained publish rate per connection; 0 = unlimited.
-    pub messages_per_second: u32,
-    pub messages_burst: u32,
+    /// What one connection may publish (JSON `send`, raw frames).
+    pub messages: Rate,
+    /// What one connection may ask besides publishing (JSON `join`, `leave`, `ping`).
+    pub commands: Rate,
 }
 
 #[derive(Debug, Clone)]
@@ -143,6 +146,8 @@ struct RawLimits {
     read_buffer_bytes: usize,
     messages_per_second: u32,
     messages_burst: u32,
+    commands_per_second: u32,
+    commands_burst: u32,
 }
 
 #[derive(Deserialize)]
@@ -296,15 +301,17 @@ impl Raw {
             )?,
             outbound_queue_bytes: positive("limits.outbound_queue_bytes", l.outbound_queue_bytes)?,
             read_buffer_bytes: positive("limits.read_buffer_bytes", l.read_buffer_bytes)?,
-            messages_per_second: l.messages_per_second,
-            messages_burst: l.messages_burst,
-        };
-        if limits.messages_per_second > 0 && limits.messages_burst == 0 {
-            return Err(invalid(
+            messages: rate(
                 "limits.messages_burst",
-                "must be at least 1 when limits.messages_per_second is set",
-            ));
-        }
+                l.messages_per_second,
+                l.messages_burst,
+            )?,
+            commands: rate(
+                "limits.commands_burst",
+                l.commands_per_second,
+                l.commands_burst,
+            )?,
+        };
         let heartbeat = Heartbeat {
             interval: nonzero_duration("heartbeat.interval", &self.heartbeat.interval)?,
             timeout: nonzero_duration("heartbeat.timeout", &self.heartbeat.timeout)?,
@@ -344,6 +351,18 @@ impl Raw {
             },
         })
     }
+}
+
+/// A rate and its burst; the burst must allow one message when the rate is set.
+fn rate(burst_key: &str, per_second: u32, burst: u32) -> Result<Rate, ConfigError> {
+    if per_second > 0 && burst == 0 {
+        let rate_key = burst_key.replace("_burst", "_per_second");
+        return Err(invalid(
+            burst_key,
+            format!("must be at least 1 when {rate_key} is set"),
+        ));
+    }
+    Ok(Rate { per_second, burst })
 }
 
 fn nonzero_duration(key: &str, value: &str) -> Result<Duration, ConfigError> {

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use crate::gateway::{Admission, Gateway, Publish, Reply};
 use crate::hub::RoomPin;
-use crate::limit::RateLimit;
+use crate::limit::TokenBucket;
 use crate::peer::Peer;
 use crate::protocol::{self, ErrorCode, Format, Rejection, Request};
 use crate::ws::{self, close, FrameReader, Incoming};
@@ -25,6 +25,11 @@ use crate::ws::{self, close, FrameReader, Incoming};
 /// How long a closing connection may take to flush its close frame and get
 /// the client's reply before the socket is dropped.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// After our close frame is out and our side is shut, how long we read (and
+/// discard) for the client to end its side, so the kernel does not answer
+/// its last bytes with a reset that could destroy our close frame unread.
+const LINGER: Duration = Duration::from_secs(1);
 
 /// Reads per wake-up before yielding to other connections.
 const READS_PER_WAKE: usize = 16;
@@ -55,8 +60,10 @@ struct Conn {
     peer: Arc<Peer>,
     rooms: Vec<String>,
     reader: FrameReader,
-    /// Flood control on what this client publishes.
-    limit: RateLimit,
+    /// Flood control on what this client publishes (`limits.messages_*`)…
+    messages: TokenBucket,
+    /// …and on its other requests (`limits.commands_*`).
+    commands: TokenBucket,
     /// The close handshake is complete (we replied to the client's close, or it answered ours).
     close_done: bool,
     started: Instant,
@@ -98,16 +105,16 @@ impl Conn {
             gw.config.limits.read_buffer_bytes,
             accepted.leftover,
         );
-        let limit = RateLimit::new(
-            gw.config.limits.messages_per_second,
-            gw.config.limits.messages_burst,
-        );
+        let now = gw.hub.now_ms();
+        let messages = TokenBucket::new(gw.config.limits.messages, now);
+        let commands = TokenBucket::new(gw.config.limits.commands, now);
         Conn {
             gw,
             peer,
             rooms,
             reader,
-            limit,
+            messages,
+            commands,
             close_done: false,
             started: Instant::now(),
             _admission: accepted.admission,
@@ -141,18 +148,34 @@ impl Conn {
     /// [`CLOSE_GRACE`]) runs in a boxed future, so that the state an idle
     /// connection keeps between wake-ups stays small.
     async fn run(&mut self) {
-        if self.pump(true).await {
+        if self.serve_open().await {
             return;
         }
-        let _ = Box::pin(tokio::time::timeout(CLOSE_GRACE, self.pump(false))).await;
+        // Counted here, once per connection, whatever overflowed its queue
+        // (fan-out, pongs, acks, error frames, pings).
+        if self
+            .peer
+            .closing()
+            .is_some_and(|c| c.code == close::SLOW_CONSUMER)
+        {
+            self.gw.metrics.slow_consumer_disconnects.inc();
+        }
+        let _ = Box::pin(tokio::time::timeout(CLOSE_GRACE, self.finish_close())).await;
     }
 
-    /// Move bytes both ways until the connection is finished (`true`), or —
-    /// with `until_closing` — until a close has begun (`false`).
-    async fn pump(&mut self, until_closing: bool) -> bool {
+    /// Move bytes both ways until a close begins (`false`) or the connection
+    /// is gone (`true`).
+    async fn serve_open(&mut self) -> bool {
+        // Bytes that came in the same packet as the handshake are handled now,
+        // not when the next packet wakes us.
+        if self.reader.has_input() {
+            if let Flow::Stop = self.process().await {
+                return true;
+            }
+        }
         let mut want_write = false;
         loop {
-            if until_closing && self.peer.closing().is_some() {
+            if self.peer.closing().is_some() {
                 return false;
             }
             let mut readable = false;
@@ -174,26 +197,60 @@ impl Conn {
                     readable = true;
                 }
             }
-            match self.peer.flush() {
-                Ok(drained) => want_write = !drained,
-                Err(_) => return true,
-            }
-            if self.close_done && !want_write {
-                return true;
-            }
             if readable {
                 if let Flow::Stop = self.read().await {
                     return true;
                 }
-                match self.peer.flush() {
-                    Ok(drained) => want_write = !drained,
-                    Err(_) => return true,
+            }
+            match self.peer.flush() {
+                Ok(drained) => want_write = !drained,
+                Err(_) => return true,
+            }
+        }
+    }
+
+    /// The close handshake: write what must still go out, the close frame
+    /// last, waiting for writability as long as it takes (a viewer that only
+    /// reads gets every byte); then end the TCP connection ourselves — at once
+    /// after a protocol error (RFC 6455 §7.1.7) or the client's own close, and
+    /// after the client's close reply when the close was ours.
+    async fn finish_close(&mut self) {
+        loop {
+            let drained = match self.peer.flush() {
+                Ok(drained) => drained,
+                Err(_) => return,
+            };
+            let failed = self.reader.failed();
+            if drained && (self.close_done || failed) {
+                break;
+            }
+            let socket = &self.peer.socket;
+            let mut readable = false;
+            tokio::select! {
+                biased;
+                r = poll_fn(|cx| socket.poll_write_ready(cx)), if !drained => {
+                    if r.is_err() {
+                        return;
+                    }
                 }
-                if self.close_done && !want_write {
-                    return true;
+                // A failed connection's input is not read before our close is out:
+                // the kernel's buffer, not ours, holds what it keeps sending.
+                r = poll_fn(|cx| socket.poll_read_ready(cx)), if !failed => {
+                    if r.is_err() {
+                        return;
+                    }
+                    readable = true;
+                }
+            }
+            if readable {
+                if let Flow::Stop = self.read().await {
+                    return;
                 }
             }
         }
+        let socket = &self.peer.socket;
+        let _ = socket2::SockRef::from(socket).shutdown(std::net::Shutdown::Write);
+        let _ = tokio::time::timeout(LINGER, discard_until_eof(socket)).await;
     }
 
     /// Read what the socket has and handle every complete message.
@@ -203,32 +260,11 @@ impl Conn {
                 Ok(0) => return Flow::Stop,
                 Ok(_) => {
                     self.peer.touch(self.gw.hub.now_ms());
-                    loop {
-                        match self.reader.next_message() {
-                            Ok(Some(msg)) => {
-                                // Boxed: handling is rare next to waiting, and its
-                                // state must not sit in every idle connection's task.
-                                if let Flow::Stop = Box::pin(self.handle(msg)).await {
-                                    return Flow::Stop;
-                                }
-                            }
-                            Ok(None) => break,
-                            Err(e) => {
-                                let code = match e.close_code() {
-                                    close::TOO_BIG => "message_too_big",
-                                    close::INVALID_PAYLOAD => "invalid_utf8",
-                                    _ => "protocol_error",
-                                };
-                                self.gw
-                                    .metrics
-                                    .client_errors
-                                    .with_label_values(&[code])
-                                    .inc();
-                                tracing::debug!(conn = %self.peer.id, error = %e, "closing connection");
-                                self.peer.close(e.close_code(), &e.to_string(), false);
-                                return Flow::Continue;
-                            }
-                        }
+                    if let Flow::Stop = self.process().await {
+                        return Flow::Stop;
+                    }
+                    if self.reader.failed() {
+                        break;
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -237,6 +273,39 @@ impl Conn {
         }
         self.reader.release_if_idle();
         Flow::Continue
+    }
+
+    /// Handle every complete message in the read buffer. A protocol error
+    /// starts failing the connection (counted once: the reader parses
+    /// nothing after its first error).
+    async fn process(&mut self) -> Flow {
+        loop {
+            match self.reader.next_message() {
+                Ok(Some(msg)) => {
+                    // Boxed: handling is rare next to waiting, and its
+                    // state must not sit in every idle connection's task.
+                    if let Flow::Stop = Box::pin(self.handle(msg)).await {
+                        return Flow::Stop;
+                    }
+                }
+                Ok(None) => return Flow::Continue,
+                Err(e) => {
+                    let code = match e.close_code() {
+                        close::TOO_BIG => "message_too_big",
+                        close::INVALID_PAYLOAD => "invalid_utf8",
+                        _ => "protocol_error",
+                    };
+                    self.gw
+                        .metrics
+                        .client_errors
+                        .with_label_values(&[code])
+                        .inc();
+                    tracing::debug!(conn = %self.peer.id, error = %e, "failing connection");
+                    self.peer.close(e.close_code(), &e.to_string(), false);
+                    return Flow::Continue;
+                }
+            }
+        }
     }
 
     async fn handle(&mut self, msg: Incoming) -> Flow {
@@ -265,12 +334,9 @@ impl Conn {
             }
             Incoming::Pong => {}
             Incoming::Close(code) => {
-                // Echo the client's code, as RFC 6455 asks; then we are done.
-                let reply = match code {
-                    Some(c) if (1000..5000).contains(&c) && !matches!(c, 1004..=1006 | 1015) => c,
-                    _ => close::NORMAL,
-                };
-                self.peer.close(reply, "", true);
+                // Echo the client's code (the reader let only valid ones
+                // through), as RFC 6455 asks; then we are done.
+                self.peer.close(code.unwrap_or(close::NORMAL), "", true);
                 self.close_done = true;
             }
         }
@@ -304,6 +370,22 @@ impl Conn {
             Err(rejection) => return self.reject(rejection),
         };
         let limits = &self.gw.config.limits;
+        let now = self.gw.hub.now_ms();
+        let limited = match request {
+            Request::Send { .. } => !self.messages.allow(limits.messages, now),
+            _ => !self.commands.allow(limits.commands, now),
+        };
+        if limited {
+            let (what, rate) = match request {
+                Request::Send { .. } => ("messages", limits.messages.per_second),
+                _ => ("requests", limits.commands.per_second),
+            };
+            return self.reject(Rejection::new(
+                id,
+                ErrorCode::RateLimited,
+                format!("more than {rate} {what} per second; slow down"),
+            ));
+        }
         match request {
             Request::Join { room } => {
                 if !self.joined(&room) {
@@ -344,16 +426,6 @@ impl Conn {
                         format!("join room {room:?} before sending to it"),
                     ));
                 }
-                if !self.limit.allow(std::time::Instant::now()) {
-                    return self.reject(Rejection::new(
-                        id,
-                        ErrorCode::RateLimited,
-                        format!(
-                            "more than {} messages per second; slow down",
-                            self.gw.config.limits.messages_per_second
-                        ),
-                    ));
-                }
                 let envelope = protocol::json_envelope(&event, &self.peer.id, data);
                 self.gw
                     .enqueue(Publish {
@@ -380,6 +452,15 @@ impl Conn {
         let Some(room) = self.rooms.first() else {
             return;
         };
+        let limits = &self.gw.config.limits;
+        if !self.messages.allow(limits.messages, self.gw.hub.now_ms()) {
+            self.gw
+                .metrics
+                .messages_dropped
+                .with_label_values(&["rate_limited"])
+                .inc();
+            return;
+        }
         let envelope = protocol::raw_envelope(&self.peer.id, payload, binary);
         self.gw
             .enqueue(Publish {
@@ -389,6 +470,22 @@ impl Conn {
                 reply: Reply::Raw,
             })
             .await;
+    }
+}
+
+/// Read and drop everything until the client ends its side (or the socket fails).
+async fn discard_until_eof(socket: &TcpStream) {
+    let mut scratch = [0u8; 1024];
+    loop {
+        if poll_fn(|cx| socket.poll_read_ready(cx)).await.is_err() {
+            return;
+        }
+        match socket.try_read(&mut scratch) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
     }
 }
 

@@ -181,20 +181,16 @@ impl Hub {
         let Some(out) = Outgoing::concat(&outgoing) else {
             return;
         };
-        let (mut delivered, mut slow) = (0u64, 0u64);
+        // Slow consumers are counted when their connection ends (conn.rs).
+        let mut delivered = 0u64;
         for peer in members.iter() {
-            match peer.send(out.frame_for(peer.format)) {
-                Sent::Delivered => delivered += 1,
-                Sent::SlowConsumer => slow += 1,
-                Sent::Closed => {}
+            if peer.send(out.frame_for(peer.format)) == Sent::Delivered {
+                delivered += 1;
             }
         }
         self.metrics
             .deliveries
             .inc_by(delivered * outgoing.len() as u64);
-        if slow > 0 {
-            self.metrics.slow_consumer_disconnects.inc_by(slow);
-        }
     }
 
     pub fn register(&self, peer: Arc<Peer>) {

@@ -1,34 +1,39 @@
-//! Per-connection flood control: a token bucket over published messages.
+//! Per-connection flood control: token buckets over what a client asks for.
+//!
+//! The rate lives in the config and the bucket in the connection, so an idle
+//! connection pays 16 bytes per bucket.
 
-use std::time::Instant;
-
-/// Allows `rate` messages per second on average and bursts of up to `burst`.
-pub struct RateLimit {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
+/// A sustained rate with bursts above it; `per_second == 0` means unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub per_second: u32,
+    pub burst: u32,
 }
 
-impl RateLimit {
-    /// `rate == 0` means unlimited.
-    pub fn new(rate: u32, burst: u32) -> Self {
-        RateLimit {
-            rate: rate as f64,
-            burst: burst as f64,
-            tokens: burst as f64,
-            last: Instant::now(),
+/// One connection's allowance under one [`Rate`].
+pub struct TokenBucket {
+    tokens: f32,
+    /// Milliseconds (on the hub's clock) of the last refill.
+    last_ms: u64,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(rate: Rate, now_ms: u64) -> Self {
+        TokenBucket {
+            tokens: rate.burst as f32,
+            last_ms: now_ms,
         }
     }
 
     /// Take one token if there is one.
-    pub fn allow(&mut self, now: Instant) -> bool {
-        if self.rate == 0.0 {
+    pub fn allow(&mut self, rate: Rate, now_ms: u64) -> bool {
+        if rate.per_second == 0 {
             return true;
         }
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        let elapsed = now_ms.saturating_sub(self.last_ms) as f32 / 1000.0;
+        self.last_ms = now_ms;
+        self.tokens = (self.tokens + elapsed * rate.per_second as f32).min(rate.burst as f32);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -41,15 +46,21 @@ impl RateLimit {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn allows_the_burst_then_the_rate() {
-        let start = Instant::now();
-        let mut limit = RateLimit::new(10, 3);
-        assert_eq!((0..5).filter(|_| limit.allow(start)).count(), 3);
-        assert!(limit.allow(start + Duration::from_millis(100)));
-        assert!(!limit.allow(start + Duration::from_millis(100)));
-        assert!(RateLimit::new(0, 0).allow(start));
+        let rate = Rate {
+            per_second: 10,
+            burst: 3,
+        };
+        let mut bucket = TokenBucket::new(rate, 1000);
+        assert_eq!((0..5).filter(|_| bucket.allow(rate, 1000)).count(), 3);
+        assert!(bucket.allow(rate, 1100));
+        assert!(!bucket.allow(rate, 1100));
+        let unlimited = Rate {
+            per_second: 0,
+            burst: 0,
+        };
+        assert!(TokenBucket::new(unlimited, 0).allow(unlimited, 0));
     }
 }

@@ -111,7 +111,9 @@ async fn nodes_subscribe_only_to_rooms_with_local_clients() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_racing_the_last_leave_ends_subscribed() {
     let redis = Redis::start().await;
-    let node = Node::ready(redis_config(&redis, "a", &[])).await;
+    // The storm is the point here, so the per-connection request limit is off.
+    let unlimited = [("ROOMCAST__LIMITS__COMMANDS_PER_SECOND", "0")];
+    let node = Node::ready(redis_config(&redis, "a", &unlimited)).await;
     let (mut c, _) = Client::json(&node, &[]).await;
     for i in 0..50u64 {
         c.send_json(json!({"op": "join", "room": "flip", "id": i * 2}))
