@@ -22,6 +22,55 @@ pub const MAX_ROOM_LEN: usize = 128;
 /// Longest event name, in bytes.
 pub const MAX_EVENT_LEN: usize = 128;
 
+/// Deepest nesting of arrays and objects accepted in `data` (deeper data
+/// crashes common JSON parsers in receivers, so it is refused with `bad_frame`).
+pub const MAX_JSON_DEPTH: usize = 32;
+
+/// Longest `message` in an error frame or HTTP error body: what a client sent
+/// is never echoed back at length.
+pub const MAX_ERROR_MESSAGE: usize = 200;
+
+/// `true` if no array or object in this JSON text nests deeper than `max`.
+/// A byte scan (strings skipped), so it costs next to nothing per message.
+pub fn json_depth_within(json: &str, max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for b in json.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return false;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    true
+}
+
+/// `message` cut to at most [`MAX_ERROR_MESSAGE`] bytes, at a character boundary.
+fn brief(message: &str) -> Cow<'_, str> {
+    if message.len() <= MAX_ERROR_MESSAGE {
+        return Cow::Borrowed(message);
+    }
+    let mut end = MAX_ERROR_MESSAGE;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!("{}…", &message[..end]))
+}
+
 /// `true` for 1–128 characters of `A–Z a–z 0–9 _ - . : @`.
 pub fn valid_room(room: &str) -> bool {
     !room.is_empty()
@@ -180,6 +229,13 @@ pub fn parse_request(text: &str) -> Result<(Option<u64>, Request<'_>), Rejection
                 ));
             }
             let data = frame.data.unwrap_or(RawValue::NULL);
+            if !json_depth_within(data.get(), MAX_JSON_DEPTH) {
+                return Err(Rejection::new(
+                    id,
+                    ErrorCode::BadFrame,
+                    format!("`data` nests deeper than {MAX_JSON_DEPTH} levels"),
+                ));
+            }
             Request::Send { room, event, data }
         }
         "ping" => Request::Ping,
@@ -248,13 +304,13 @@ pub fn error_frame(rejection: &Rejection) -> Bytes {
         op: "error",
         id: rejection.id,
         code: rejection.code.as_str(),
-        message: &rejection.message,
+        message: &brief(&rejection.message),
     })
 }
 
 /// `{"error":{"code":…,"message":…}}`, the body of every HTTP error.
 pub fn http_error_body(code: &str, message: &str) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({"error": {"code": code, "message": message}}))
+    serde_json::to_vec(&serde_json::json!({"error": {"code": code, "message": brief(message)}}))
         .unwrap_or_default()
 }
 
@@ -458,6 +514,23 @@ mod tests {
         );
         let bad_type = code(r#"{"op":"join","room":7,"id":6}"#);
         assert_eq!((bad_type.code, bad_type.id), (ErrorCode::BadFrame, Some(6)));
+    }
+
+    #[test]
+    fn json_depth_is_measured_outside_strings() {
+        assert!(json_depth_within(r#"{"a":[1,{"b":2}]}"#, 3));
+        assert!(!json_depth_within(r#"{"a":[1,{"b":2}]}"#, 2));
+        assert!(json_depth_within(r#""[[[[\"[[[[""#, 1));
+        assert!(json_depth_within(r#"[[1],[2],[3]]"#, 2));
+    }
+
+    #[test]
+    fn error_messages_are_brief() {
+        let long = "é".repeat(1000);
+        let frame = error_frame(&Rejection::new(None, ErrorCode::BadFrame, long));
+        assert!(frame.len() < MAX_ERROR_MESSAGE + 80, "{}", frame.len());
+        let body = http_error_body("bad_frame", &"x".repeat(10_000));
+        assert!(body.len() < MAX_ERROR_MESSAGE + 80);
     }
 
     #[test]
