@@ -3,6 +3,7 @@
 
 mod util;
 
+mod abuse;
 mod cluster;
 mod config;
 mod json;

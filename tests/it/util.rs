@@ -453,3 +453,213 @@ impl Client {
 pub fn send_frame(room: &str, event: &str, data: Value) -> Value {
     serde_json::json!({"op": "send", "room": room, "event": event, "data": data})
 }
+
+// ---------------------------------------------------------------- raw sockets
+
+/// A WebSocket client on a bare TCP socket that sends nothing unless told to
+/// (not even a close reply) — like a viewer that only reads, or an attacker.
+pub struct RawWs {
+    pub stream: TcpStream,
+    /// Bytes read and not yet taken as frames.
+    pub buf: Vec<u8>,
+}
+
+/// A masked client frame.
+pub fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x1b, 0x7e, 0xa2, 0x4c];
+    let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n <= 65535 => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
+/// The upgrade request for `/ws?{query}`.
+pub fn upgrade_request(addr: SocketAddr, query: &str) -> String {
+    format!(
+        "GET /ws?{query} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+}
+
+impl RawWs {
+    /// Connect on `socket` (set its buffer sizes first, if needed) and complete the
+    /// handshake; `extra` is written in the same packet as the request.
+    pub async fn connect_with(
+        socket: tokio::net::TcpSocket,
+        addr: SocketAddr,
+        query: &str,
+        extra: &[u8],
+    ) -> RawWs {
+        let mut stream = within("connect", socket.connect(addr))
+            .await
+            .expect("connect");
+        let mut request = upgrade_request(addr, query).into_bytes();
+        request.extend_from_slice(extra);
+        stream.write_all(&request).await.expect("write handshake");
+        let mut buf = Vec::new();
+        let end = within("the 101 response", async {
+            loop {
+                if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    return end + 4;
+                }
+                let mut chunk = [0u8; 1024];
+                let n = stream.read(&mut chunk).await.expect("read handshake");
+                assert!(n > 0, "connection closed during the handshake");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        })
+        .await;
+        let head = String::from_utf8_lossy(&buf[..end]).to_string();
+        assert!(
+            head.starts_with("HTTP/1.1 101"),
+            "handshake refused: {head}"
+        );
+        buf.drain(..end);
+        RawWs { stream, buf }
+    }
+
+    pub async fn connect(addr: SocketAddr, query: &str) -> RawWs {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        RawWs::connect_with(socket, addr, query, &[]).await
+    }
+
+    /// The next server frame: (opcode, payload). Fails the test if the
+    /// connection ends first or nothing comes within [`WAIT`].
+    pub async fn frame(&mut self) -> (u8, Vec<u8>) {
+        match self.next_frame().await {
+            Some(frame) => frame,
+            None => panic!("connection ended while waiting for a frame"),
+        }
+    }
+
+    /// The next server frame, or `None` at a clean end of the stream.
+    pub async fn next_frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        within("a frame from the server", async {
+            loop {
+                if let Some((frame, used)) = parse_server_frame(&self.buf) {
+                    self.buf.drain(..used);
+                    return Some(frame);
+                }
+                let mut chunk = [0u8; 16384];
+                match self.stream.read(&mut chunk).await {
+                    Ok(0) => {
+                        assert!(self.buf.is_empty(), "stream ended inside a frame");
+                        return None;
+                    }
+                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                    Err(e) => panic!("read failed: {e}"),
+                }
+            }
+        })
+        .await
+    }
+
+    /// Read frames until the close frame; returns the data frames before it and the close code.
+    pub async fn until_close(&mut self) -> (Vec<(u8, Vec<u8>)>, u16) {
+        let mut frames = Vec::new();
+        loop {
+            let (opcode, payload) = self.frame().await;
+            match opcode {
+                0x8 => {
+                    let code = u16::from_be_bytes([payload[0], payload[1]]);
+                    return (frames, code);
+                }
+                0x9 | 0xA => {}
+                _ => frames.push((opcode, payload)),
+            }
+        }
+    }
+
+    /// Wait for the server to end the TCP connection (EOF or reset).
+    pub async fn ended(&mut self) {
+        within("the server to end the TCP connection", async {
+            let mut chunk = [0u8; 16384];
+            loop {
+                match self.stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+    }
+}
+
+/// One complete unmasked server frame at the start of `buf`: ((opcode, payload), bytes used).
+fn parse_server_frame(buf: &[u8]) -> Option<((u8, Vec<u8>), usize)> {
+    let [b0, b1, ..] = *buf else { return None };
+    assert_eq!(b1 & 0x80, 0, "server frames are never masked");
+    let (len, header) = match b1 & 0x7f {
+        126 => (
+            u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?) as usize,
+            4,
+        ),
+        127 => (
+            u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?) as usize,
+            10,
+        ),
+        n => (n as usize, 2),
+    };
+    let payload = buf.get(header..header + len)?;
+    assert!(b0 & 0x80 != 0, "server frames are never fragmented");
+    Some(((b0 & 0x0f, payload.to_vec()), header + len))
+}
+
+// ---------------------------------------------------------------- the binary
+
+/// The real `roomcast` binary with `env` on a free port; its output goes to
+/// `output`. A port taken by someone else between our check and its bind
+/// makes it exit (69), and it is started again on another port.
+pub async fn start_binary(env: &[(&str, &str)], output: fn() -> Stdio) -> (KillOnDrop, SocketAddr) {
+    for _ in 0..5 {
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let mut child = KillOnDrop(
+            Command::new(env!("CARGO_BIN_EXE_roomcast"))
+                .env("ROOMCAST__SERVER__LISTEN", addr.to_string())
+                .envs(env.iter().copied())
+                .stdout(output())
+                .stderr(output())
+                .spawn()
+                .expect("start the roomcast binary"),
+        );
+        let listening = within("the binary to listen (or exit)", async {
+            loop {
+                if TcpStream::connect(addr).await.is_ok() {
+                    return true;
+                }
+                if child.0.try_wait().expect("try_wait").is_some() {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        if listening {
+            return (child, addr);
+        }
+    }
+    panic!("the roomcast binary did not start listening in 5 attempts")
+}
+
+/// Resident memory of a process, in bytes (Linux /proc).
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc status");
+    kb * 1024
+}
