@@ -139,14 +139,17 @@ async fn publisher(node: &Node, room: &str) -> futures::stream::SplitSink<Ws, Me
 async fn a_viewer_that_only_reads_gets_its_whole_backlog_then_1012_on_shutdown() {
     let mut node = Node::ready(config(&[
         ("ROOMCAST__LIMITS__MESSAGES_PER_SECOND", "0"),
+        ("ROOMCAST__LIMITS__OUTBOUND_QUEUE_BYTES", "33554432"),
         ("ROOMCAST__SHUTDOWN__DRAIN", "0s"),
     ]))
     .await;
     let mut viewer =
         RawWs::connect_with(small_window(), node.addr, "room=show&format=raw", &[]).await;
     let mut publish = publisher(&node, "show").await;
+    // About 10 MB: more than the kernel's buffers (up to 4 MiB each way), so
+    // most of it waits in the node's queue for the viewer, below its limit.
     const N: u32 = 1200;
-    let mut payload = vec![b'v'; 512];
+    let mut payload = vec![b'v'; 8 * 1024];
     for i in 0..N {
         payload[..4].copy_from_slice(&i.to_be_bytes());
         publish
