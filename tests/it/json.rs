@@ -314,14 +314,15 @@ async fn websocket_pings_fragments_and_the_close_handshake_follow_rfc_6455() {
     }
     assert_eq!(c.recv_json().await["data"], "in three parts");
 
-    // The client's close code is echoed.
+    // The client's close code is echoed: an application code, so that
+    // echoing and the 1000 fallback cannot look the same.
     c.ws.send(Message::Close(Some(CloseFrame {
-        code: 1000.into(),
+        code: 4321.into(),
         reason: "bye".into(),
     })))
     .await
     .expect("close");
-    assert_eq!(c.closed().await, 1000);
+    assert_eq!(c.closed().await, 4321);
 }
 
 #[tokio::test]

@@ -1,6 +1,6 @@
 //! Heartbeats and graceful shutdown.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use serde_json::json;
 
@@ -114,21 +114,12 @@ async fn start_binary(
     log_level: &str,
     output: fn() -> Stdio,
 ) -> (KillOnDrop, std::net::SocketAddr) {
-    let port = free_port();
-    let child = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_roomcast"))
-            .env("ROOMCAST__SERVER__LISTEN", format!("127.0.0.1:{port}"))
-            .env("ROOMCAST__SHUTDOWN__DRAIN", drain)
-            .env("ROOMCAST__LOG__LEVEL", log_level)
-            .stdout(output())
-            .stderr(output())
-            .spawn()
-            .expect("start the roomcast binary"),
-    );
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    eventually("the binary to listen", || async {
-        tokio::net::TcpStream::connect(addr).await.is_ok()
-    })
-    .await;
-    (child, addr)
+    crate::util::start_binary(
+        &[
+            ("ROOMCAST__SHUTDOWN__DRAIN", drain),
+            ("ROOMCAST__LOG__LEVEL", log_level),
+        ],
+        output,
+    )
+    .await
 }

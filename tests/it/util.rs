@@ -3,8 +3,6 @@
 //!
 //! Everything waits with a timeout; nothing sleeps to synchronize.
 
-#![allow(dead_code)]
-
 use std::future::Future;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -63,11 +61,25 @@ pub struct Redis {
 }
 
 impl Redis {
+    /// A server on a free port. Another process may take the port between
+    /// our check and redis-server's bind; then it exits, and we try another.
     pub async fn start() -> Redis {
-        Redis::start_on(free_port()).await
+        for _ in 0..5 {
+            if let Some(redis) = Redis::try_start_on(free_port()).await {
+                return redis;
+            }
+        }
+        panic!("redis-server did not start in 5 attempts")
     }
 
+    /// A server on `port` (e.g. the port of one that was killed, to restart it).
     pub async fn start_on(port: u16) -> Redis {
+        Redis::try_start_on(port)
+            .await
+            .unwrap_or_else(|| panic!("redis-server could not start on port {port}"))
+    }
+
+    async fn try_start_on(port: u16) -> Option<Redis> {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
@@ -79,12 +91,25 @@ impl Redis {
                      install it with `apt-get install -y redis-server` (Debian/Ubuntu) or `brew install redis`."
                 )
             });
-        let redis = Redis {
+        let mut redis = Redis {
             port,
             child: Some(child),
         };
-        eventually("redis-server to answer PING", || redis.ping()).await;
-        redis
+        let up = within("redis-server to answer PING (or exit)", async {
+            loop {
+                if redis.ping().await {
+                    return true;
+                }
+                if let Some(child) = redis.child.as_mut() {
+                    if child.try_wait().expect("try_wait").is_some() {
+                        return false;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        up.then_some(redis)
     }
 
     pub fn url(&self) -> String {
@@ -245,14 +270,6 @@ impl Node {
     /// Begin graceful shutdown (like SIGTERM) without waiting for it.
     pub fn begin_shutdown(&self) {
         self.shutdown.cancel();
-    }
-
-    /// Shut down and wait until `run` returns.
-    pub async fn stop(mut self) {
-        self.shutdown.cancel();
-        if let Some(task) = self.task.take() {
-            within("node shutdown", task).await.expect("node task");
-        }
     }
 
     pub async fn finished(&mut self) {
@@ -432,9 +449,18 @@ impl Client {
             }
         })
         .await;
-        // Polling on sends tungstenite's close reply, as a real client would.
-        while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT, self.ws.next()).await {}
+        // Polling on sends tungstenite's close reply, as a real client would;
+        // then the server must end the TCP connection.
+        self.ended().await;
         code
+    }
+
+    /// Wait until the server has ended the TCP connection (failing after [`WAIT`]).
+    async fn ended(&mut self) {
+        within("the server to end the TCP connection", async {
+            while let Some(Ok(_)) = self.ws.next().await {}
+        })
+        .await
     }
 
     pub async fn close(mut self) {
@@ -445,7 +471,7 @@ impl Client {
                 reason: "".into(),
             }))
             .await;
-        while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT, self.ws.next()).await {}
+        self.ended().await;
     }
 }
 
