@@ -5,6 +5,9 @@
 # Optional peers, named in SERVERS:
 #   uws        uWebSockets.js (native uWS) + ioredis (bench/peers/uws), same Redis layout as node-ws
 #   python-ws  the single-process Python `websockets` server (bench/peers/python-ws, no Redis)
+#   roomcast-base  another roomcast binary, BASE_BIN (e.g. a build of an earlier commit), for an
+#              A/B inside one run; name kinds more than once to alternate them:
+#   BASE_BIN=/tmp/base/release/roomcast SERVERS="roomcast-base roomcast roomcast-base roomcast" bash bench/compare.sh
 #
 #   bash bench/compare.sh                 # standard fan-out scenario
 #   QUICK=1 bash bench/compare.sh         # short smoke run
@@ -62,8 +65,11 @@ log() { echo "==> $*" >&2; }
 
 case $MODE in fanout | idle | ramp) ;; *) die "MODE must be fanout, idle or ramp (got '$MODE')" ;; esac
 for server in $SERVERS; do
-  case $server in roomcast | node-ws | uws | python-ws) ;; *) die "unknown server '$server' in SERVERS (roomcast, node-ws, uws, python-ws)" ;; esac
+  case $server in roomcast | roomcast-base | node-ws | uws | python-ws) ;; *) die "unknown server '$server' in SERVERS (roomcast, roomcast-base, node-ws, uws, python-ws)" ;; esac
 done
+if [[ " $SERVERS " == *" roomcast-base "* ]]; then
+  [[ -n ${BASE_BIN:-} && -x ${BASE_BIN:-} ]] || die "roomcast-base needs BASE_BIN=<path of a roomcast binary>"
+fi
 # python-ws is one process with rooms in memory: it cannot be clustered, so NODES>1 skips it.
 PYWS=0 PYWS_SKIPPED=0
 if [[ " $SERVERS " == *" python-ws "* ]]; then
@@ -239,7 +245,9 @@ start_server() { # start_server NAME LOGFILE: NODES processes of one kind
   for ((i = 1; i <= NODES; i++)); do
     port=$(free_port)
     case $name in
-      roomcast)
+      roomcast | roomcast-base)
+        local bin=$ROOMCAST_BIN
+        [[ $name == roomcast ]] || bin=$BASE_BIN
         env -u RUST_LOG \
           ROOMCAST__SERVER__LISTEN="127.0.0.1:$port" \
           ROOMCAST__NODE__ID="bench-$i" \
@@ -248,7 +256,7 @@ start_server() { # start_server NAME LOGFILE: NODES processes of one kind
           ROOMCAST__LOG__LEVEL=warn \
           ROOMCAST__SHUTDOWN__DRAIN=1s \
           ROOMCAST__LIMITS__MESSAGES_PER_SECOND=0 \
-          taskset -c "$SERVER_CPU" "$ROOMCAST_BIN" >"$logf.$i" 2>&1 &
+          taskset -c "$SERVER_CPU" "$bin" >"$logf.$i" 2>&1 &
         pid=$!
         PIDS+=("$pid")
         wait_until 30 "$pid" "$logf.$i" roomcast ready_http "$port"
@@ -274,7 +282,7 @@ start_server() { # start_server NAME LOGFILE: NODES processes of one kind
         PIDS+=("$pid")
         wait_until 30 "$pid" "$logf.$i" python-ws tcp_open "$port"
         ;;
-      *) die "unknown server '$name' in SERVERS (roomcast, node-ws, uws, python-ws)" ;;
+      *) die "unknown server '$name' in SERVERS (roomcast, roomcast-base, node-ws, uws, python-ws)" ;;
     esac
     SERVER_PIDS+=("$pid")
     URLS+=(--url "ws://127.0.0.1:$port")
@@ -300,9 +308,10 @@ FAILED=0
 run_one() { # run_one SERVER PROTOCOL
   local server=$1 proto=$2 label tag out err limit rc t0 t1 r0 r1
   label=$server
-  [[ $server != roomcast ]] || label="roomcast ($proto)"
+  [[ $server != roomcast* ]] || label="$server ($proto)"
   [[ $NODES == 1 ]] || label="$label x$NODES nodes"
-  tag=$server-$proto
+  RUN_NO=$((${RUN_NO:-0} + 1))
+  tag=$server-$proto-$RUN_NO
   out=$WORK/$tag.out err=$WORK/$tag.bench.log
   log "$label: starting"
   start_server "$server" "$WORK/$tag.server.log"
@@ -372,7 +381,7 @@ PYWS_NOTE="note: python-ws skipped: it is a single process with rooms in memory 
 for server in $SERVERS; do
   if [[ $server == python-ws && $PYWS_SKIPPED == 1 ]]; then
     log "${PYWS_NOTE#note: }"
-  elif [[ $server == roomcast ]]; then
+  elif [[ $server == roomcast* ]]; then
     for proto in $ROOMCAST_PROTOCOLS; do run_one roomcast "$proto"; done
   else
     run_one "$server" plain
