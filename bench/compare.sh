@@ -382,7 +382,7 @@ for server in $SERVERS; do
   if [[ $server == python-ws && $PYWS_SKIPPED == 1 ]]; then
     log "${PYWS_NOTE#note: }"
   elif [[ $server == roomcast* ]]; then
-    for proto in $ROOMCAST_PROTOCOLS; do run_one roomcast "$proto"; done
+    for proto in $ROOMCAST_PROTOCOLS; do run_one "$server" "$proto"; done
   else
     run_one "$server" plain
   fi

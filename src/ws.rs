@@ -133,16 +133,24 @@ impl FrameError {
 /// error costs one read chunk, never more.
 pub struct FrameReader {
     buf: BytesMut,
-    /// The frame whose header has been consumed and whose payload is arriving.
-    frame: Option<Frame>,
-    /// A fragmented message in progress: (is_text, bytes so far).
-    partial: Option<(bool, BytesMut)>,
+    /// A frame or message that is not complete yet. Boxed, and there only
+    /// while one is: most messages arrive whole in one read, and an idle
+    /// connection keeps none (8 bytes instead of 64).
+    progress: Option<Box<Progress>>,
     /// UTF-8 state of the text message in progress, across frames and reads.
     utf8: Utf8Check,
     max_message: usize,
     read_chunk: usize,
     /// A protocol error was returned: input is discarded from now on.
     failed: bool,
+}
+
+#[derive(Default)]
+struct Progress {
+    /// The frame whose header has been consumed and whose payload is arriving.
+    frame: Option<Frame>,
+    /// A fragmented message in progress: (is_text, bytes so far).
+    partial: Option<(bool, BytesMut)>,
 }
 
 /// A frame header, parsed; its payload follows in `buf`.
@@ -162,8 +170,7 @@ impl FrameReader {
     pub fn new(max_message: usize, read_chunk: usize, leftover: Bytes) -> Self {
         FrameReader {
             buf: BytesMut::from(&leftover[..]),
-            frame: None,
-            partial: None,
+            progress: None,
             utf8: Utf8Check::default(),
             max_message,
             read_chunk,
@@ -193,7 +200,7 @@ impl FrameReader {
     /// Give the read buffer back to the allocator when nothing is pending,
     /// so an idle connection holds no buffer at all.
     pub fn release_if_idle(&mut self) {
-        let idle = self.buf.is_empty() && self.partial.is_none() && self.frame.is_none();
+        let idle = self.buf.is_empty() && self.progress.is_none();
         if (idle || self.failed) && self.buf.capacity() > 0 {
             self.buf = BytesMut::new();
         }
@@ -203,7 +210,7 @@ impl FrameReader {
     /// tests and fuzzing of the memory bound.
     #[doc(hidden)]
     pub fn allocated(&self) -> usize {
-        self.buf.capacity() + self.partial.as_ref().map_or(0, |(_, p)| p.capacity())
+        self.buf.capacity() + self.partial().map_or(0, |(_, p)| p.capacity())
     }
 
     /// The next complete message, `Ok(None)` if more bytes are needed.
@@ -217,15 +224,34 @@ impl FrameReader {
         if result.is_err() {
             self.failed = true;
             self.buf = BytesMut::new();
-            self.partial = None;
-            self.frame = None;
+            self.progress = None;
         }
         result
     }
 
+    fn partial(&self) -> Option<&(bool, BytesMut)> {
+        self.progress.as_ref()?.partial.as_ref()
+    }
+
+    fn progress(&mut self) -> &mut Progress {
+        self.progress.get_or_insert_with(Box::default)
+    }
+
+    /// Free the progress box once nothing is in progress.
+    fn tidy(&mut self) {
+        if self
+            .progress
+            .as_ref()
+            .is_some_and(|p| p.frame.is_none() && p.partial.is_none())
+        {
+            self.progress = None;
+        }
+    }
+
     fn parse(&mut self) -> Result<Option<Incoming>, FrameError> {
         loop {
-            let mut frame = match self.frame {
+            let in_progress = self.progress.as_mut().and_then(|p| p.frame.take());
+            let mut frame = match in_progress {
                 Some(frame) => frame,
                 None => match self.header()? {
                     Some(frame) => frame,
@@ -242,13 +268,14 @@ impl FrameReader {
                 frame.unmasked = available;
             }
             if available < frame.len {
-                self.frame = Some(frame);
+                self.progress().frame = Some(frame);
                 self.buf.reserve(frame.len - self.buf.len());
                 return Ok(None);
             }
-            self.frame = None;
             let payload = self.buf.split_to(frame.len);
-            if let Some(message) = self.complete_frame(frame, payload)? {
+            let message = self.complete_frame(frame, payload)?;
+            self.tidy();
+            if let Some(message) = message {
                 return Ok(Some(message));
             }
         }
@@ -271,12 +298,12 @@ impl FrameReader {
         let opcode = b0 & 0x0f;
         let short_len = b1 & 0x7f;
         let text = match opcode {
-            OPCODE_CONTINUATION => match &self.partial {
+            OPCODE_CONTINUATION => match self.partial() {
                 Some((is_text, _)) => *is_text,
                 None => return Err(FrameError::Protocol("continuation without a message")),
             },
             OPCODE_TEXT | OPCODE_BINARY => {
-                if self.partial.is_some() {
+                if self.partial().is_some() {
                     return Err(FrameError::Protocol("new message inside a fragmented one"));
                 }
                 opcode == OPCODE_TEXT
@@ -308,7 +335,7 @@ impl FrameReader {
             },
             n => (n as u64, 0),
         };
-        let so_far = self.partial.as_ref().map_or(0, |(_, p)| p.len()) as u64;
+        let so_far = self.partial().map_or(0, |(_, p)| p.len()) as u64;
         if len.saturating_add(so_far) > self.max_message as u64 {
             return Err(FrameError::TooBig(self.max_message));
         }
@@ -343,12 +370,12 @@ impl FrameReader {
             OPCODE_PONG => Incoming::Pong,
             OPCODE_CLOSE => close_payload(&payload)?,
             OPCODE_CONTINUATION => {
-                let Some((is_text, mut acc)) = self.partial.take() else {
+                let Some((is_text, mut acc)) = self.progress().partial.take() else {
                     return Err(FrameError::Protocol("continuation without a message"));
                 };
                 acc.extend_from_slice(&payload);
                 if !frame.fin {
-                    self.partial = Some((is_text, acc));
+                    self.progress().partial = Some((is_text, acc));
                     return Ok(None);
                 }
                 self.message(is_text, acc)?
@@ -356,7 +383,7 @@ impl FrameReader {
             _ => {
                 let is_text = frame.opcode == OPCODE_TEXT;
                 if !frame.fin {
-                    self.partial = Some((is_text, payload));
+                    self.progress().partial = Some((is_text, payload));
                     return Ok(None);
                 }
                 self.message(is_text, payload)?
@@ -383,30 +410,36 @@ impl FrameReader {
 #[derive(Default)]
 struct Utf8Check {
     /// The start of a character whose remaining bytes have not arrived yet.
-    pending: [u8; 4],
-    pending_len: usize,
+    pending: [u8; 3],
+    pending_len: u8,
 }
 
 impl Utf8Check {
     fn feed(&mut self, mut bytes: &[u8]) -> Result<(), FrameError> {
         if self.pending_len > 0 {
-            let width = utf8_width(self.pending[0]);
-            let take = (width - self.pending_len).min(bytes.len());
-            self.pending[self.pending_len..self.pending_len + take].copy_from_slice(&bytes[..take]);
-            self.pending_len += take;
+            let have = self.pending_len as usize;
+            let mut char_bytes = [0u8; 4];
+            char_bytes[..have].copy_from_slice(&self.pending[..have]);
+            let take = (utf8_width(char_bytes[0]) - have).min(bytes.len());
+            char_bytes[have..have + take].copy_from_slice(&bytes[..take]);
             bytes = &bytes[take..];
-            match std::str::from_utf8(&self.pending[..self.pending_len]) {
+            match std::str::from_utf8(&char_bytes[..have + take]) {
                 Ok(_) => self.pending_len = 0,
-                Err(e) if e.error_len().is_none() => return Ok(()),
+                Err(e) if e.error_len().is_none() => {
+                    self.pending[..have + take].copy_from_slice(&char_bytes[..have + take]);
+                    self.pending_len = (have + take) as u8;
+                    return Ok(());
+                }
                 Err(_) => return Err(FrameError::InvalidUtf8),
             }
         }
         match std::str::from_utf8(bytes) {
             Ok(_) => Ok(()),
             Err(e) if e.error_len().is_none() => {
+                // At most three bytes: an unfinished four-byte character.
                 let rest = &bytes[e.valid_up_to()..];
                 self.pending[..rest.len()].copy_from_slice(rest);
-                self.pending_len = rest.len();
+                self.pending_len = rest.len() as u8;
                 Ok(())
             }
             Err(_) => Err(FrameError::InvalidUtf8),
