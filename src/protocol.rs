@@ -105,6 +105,8 @@ pub enum ErrorCode {
     TooManyRooms,
     RateLimited,
     Unavailable,
+    /// HTTP only: a malformed upgrade or API request.
+    BadRequest,
 }
 
 impl ErrorCode {
@@ -117,6 +119,7 @@ impl ErrorCode {
             ErrorCode::TooManyRooms => "too_many_rooms",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::BadRequest => "bad_request",
         }
     }
 }
@@ -248,6 +251,67 @@ pub fn parse_request(text: &str) -> Result<(Option<u64>, Request<'_>), Rejection
         }
     };
     Ok((id, request))
+}
+
+/// What a `/ws?…` query asks for: the format and the rooms to join at once
+/// (validated, deduplicated, in the order given).
+#[derive(Debug, PartialEq, Eq)]
+pub struct WsQuery {
+    pub format: Format,
+    pub rooms: Vec<String>,
+}
+
+/// Parse the query string of `GET /ws` (`room=…` repeated, `format=json|raw`).
+/// Unknown parameters are ignored. Every refusal is an HTTP 400 whose body
+/// carries the rejection's code.
+pub fn parse_ws_query(query: &str, max_rooms: usize) -> Result<WsQuery, Rejection> {
+    let mut format = Format::Json;
+    let mut rooms: Vec<String> = Vec::new();
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        match key.as_ref() {
+            "room" => {
+                if !valid_room(&value) {
+                    return Err(Rejection::new(
+                        None,
+                        ErrorCode::BadRoom,
+                        "room names are 1-128 characters of A-Z a-z 0-9 _ - . : @",
+                    ));
+                }
+                if !rooms.iter().any(|r| *r == value) {
+                    if rooms.len() == max_rooms {
+                        return Err(Rejection::new(
+                            None,
+                            ErrorCode::TooManyRooms,
+                            format!("a connection may join at most {max_rooms} rooms"),
+                        ));
+                    }
+                    rooms.push(value.into_owned());
+                }
+            }
+            "format" => {
+                format = match value.as_ref() {
+                    "json" => Format::Json,
+                    "raw" => Format::Raw,
+                    _ => {
+                        return Err(Rejection::new(
+                            None,
+                            ErrorCode::BadRequest,
+                            "format must be \"json\" or \"raw\"",
+                        ))
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if format == Format::Raw && rooms.len() != 1 {
+        return Err(Rejection::new(
+            None,
+            ErrorCode::BadRequest,
+            "raw mode needs exactly one room parameter",
+        ));
+    }
+    Ok(WsQuery { format, rooms })
 }
 
 // ---- server → client frames (each returns a complete WebSocket text frame) ----
@@ -471,6 +535,34 @@ impl Outgoing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ws_query_rooms_are_validated_deduplicated_and_capped() {
+        let q = parse_ws_query("room=a&x=1&room=b&room=a", 2).unwrap();
+        assert_eq!(q.format, Format::Json);
+        assert_eq!(q.rooms, ["a", "b"]);
+        assert_eq!(
+            parse_ws_query("room=a&room=b&room=c", 2).unwrap_err().code,
+            ErrorCode::TooManyRooms
+        );
+        assert_eq!(
+            parse_ws_query("room=a%20b", 2).unwrap_err().code,
+            ErrorCode::BadRoom
+        );
+        assert_eq!(
+            parse_ws_query("room=", 2).unwrap_err().code,
+            ErrorCode::BadRoom
+        );
+        let raw = parse_ws_query("format=raw&room=r", 2).unwrap();
+        assert_eq!((raw.format, raw.rooms.len()), (Format::Raw, 1));
+        for bad in ["format=raw", "format=raw&room=a&room=b", "format=xml"] {
+            assert_eq!(
+                parse_ws_query(bad, 8).unwrap_err().code,
+                ErrorCode::BadRequest,
+                "{bad}"
+            );
+        }
+    }
 
     fn payload(frame: &Bytes) -> &str {
         let (_, payload) = ws::split_server_frame(frame).unwrap();

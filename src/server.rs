@@ -10,7 +10,6 @@
 //! over `shutdown.drain` (so they do not all reconnect in the same instant);
 //! then the bus stops and [`run`] returns.
 
-use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +32,7 @@ use crate::conn::{self, Accepted, CLOSE_GRACE};
 use crate::gateway::{self, Gateway};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::protocol::{self, Format};
+use crate::protocol;
 use crate::ws::close;
 use crate::{bus, protocol::valid_room};
 
@@ -235,62 +234,6 @@ fn header_has(req: &Request<Incoming>, name: header::HeaderName, token: &str) ->
     })
 }
 
-/// Query parameters of `/ws`: rooms (validated, deduplicated) and format.
-/// An HTTP error before the upgrade: status, code, message.
-struct Refusal(StatusCode, &'static str, String);
-
-fn ws_params(gw: &Gateway, query: &str) -> Result<(Format, Vec<String>), Refusal> {
-    let mut format = Format::Json;
-    let mut rooms: Vec<String> = Vec::new();
-    let mut seen = HashSet::new();
-    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
-        match key.as_ref() {
-            "room" => {
-                if !valid_room(&value) {
-                    return Err(Refusal(
-                        StatusCode::BAD_REQUEST,
-                        "bad_room",
-                        "room names are 1-128 characters of A-Z a-z 0-9 _ - . : @".into(),
-                    ));
-                }
-                if seen.insert(value.to_string()) {
-                    rooms.push(value.into_owned());
-                }
-            }
-            "format" => {
-                format = match value.as_ref() {
-                    "json" => Format::Json,
-                    "raw" => Format::Raw,
-                    _ => {
-                        return Err(Refusal(
-                            StatusCode::BAD_REQUEST,
-                            "bad_request",
-                            "format must be \"json\" or \"raw\"".into(),
-                        ))
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    let max = gw.config.limits.max_rooms_per_connection;
-    if rooms.len() > max {
-        return Err(Refusal(
-            StatusCode::BAD_REQUEST,
-            "too_many_rooms",
-            format!("a connection may join at most {max} rooms"),
-        ));
-    }
-    if format == Format::Raw && rooms.len() != 1 {
-        return Err(Refusal(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "raw mode needs exactly one room parameter".into(),
-        ));
-    }
-    Ok((format, rooms))
-}
-
 async fn upgrade(
     gw: Arc<Gateway>,
     connections: TaskTracker,
@@ -335,9 +278,11 @@ async fn upgrade(
             "Sec-WebSocket-Version must be 13",
         );
     }
-    let (format, rooms) = match ws_params(&gw, req.uri().query().unwrap_or("")) {
-        Ok(params) => params,
-        Err(Refusal(status, code, message)) => return error(status, code, &message),
+    let max_rooms = gw.config.limits.max_rooms_per_connection;
+    let (format, rooms) = match protocol::parse_ws_query(req.uri().query().unwrap_or(""), max_rooms)
+    {
+        Ok(q) => (q.format, q.rooms),
+        Err(r) => return error(StatusCode::BAD_REQUEST, r.code.as_str(), &r.message),
     };
     // Subscribe the rooms before answering, so the client receives every
     // message published after it sees the handshake complete.
