@@ -39,6 +39,9 @@ fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// The rest of `[server]`: the internal listener and what a connection
+    /// may cost before it is a WebSocket client.
+    pub server: ServerConfig,
     /// Empty means "derive from the hostname" (see [`Config::node_id`]).
     pub node_id: String,
     pub bus: BusConfig,
@@ -47,6 +50,21 @@ pub struct Config {
     /// Period over which clients are closed on shutdown.
     pub drain: Duration,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Where `/metrics` and `/api/*` are served instead of `listen` (None: on `listen`).
+    pub internal_listen: Option<SocketAddr>,
+    /// A complete request head must arrive within this time of the accept or
+    /// of the previous response (so this is also the keep-alive idle timeout).
+    pub header_timeout: Duration,
+    /// A connection must have its first response (a 101 for WebSocket) this soon.
+    pub handshake_timeout: Duration,
+    /// An `/api/publish` body must arrive within this time (else 408).
+    pub body_timeout: Duration,
+    /// HTTP connections not (yet) upgraded at once; beyond, the oldest is dropped.
+    pub max_pending_connections: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -109,6 +127,11 @@ struct Raw {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     listen: String,
+    internal_listen: String,
+    header_timeout: String,
+    handshake_timeout: String,
+    body_timeout: String,
+    max_pending_connections: usize,
 }
 
 #[derive(Deserialize)]
@@ -235,15 +258,42 @@ fn positive(key: &str, value: usize) -> Result<usize, ConfigError> {
 
 impl Raw {
     fn validate(self) -> Result<Config, ConfigError> {
-        let listen = self.server.listen.parse().map_err(|_| {
-            invalid(
-                "server.listen",
-                format!(
-                    "{:?} is not an address like 127.0.0.1:8080",
-                    self.server.listen
-                ),
-            )
-        })?;
+        let address = |key: &str, value: &str| -> Result<SocketAddr, ConfigError> {
+            value.parse().map_err(|_| {
+                invalid(
+                    key,
+                    format!("{value:?} is not an address like 127.0.0.1:8080"),
+                )
+            })
+        };
+        let s = &self.server;
+        let listen = address("server.listen", &s.listen)?;
+        let internal_listen = match s.internal_listen.as_str() {
+            "" => None,
+            addr => {
+                let addr = address("server.internal_listen", addr)?;
+                if addr == listen {
+                    return Err(invalid(
+                        "server.internal_listen",
+                        "must differ from server.listen (leave it empty to serve everything there)",
+                    ));
+                }
+                Some(addr)
+            }
+        };
+        if s.max_pending_connections == 0 {
+            return Err(invalid(
+                "server.max_pending_connections",
+                "must be at least 1",
+            ));
+        }
+        let server = ServerConfig {
+            internal_listen,
+            header_timeout: nonzero_duration("server.header_timeout", &s.header_timeout)?,
+            handshake_timeout: nonzero_duration("server.handshake_timeout", &s.handshake_timeout)?,
+            body_timeout: nonzero_duration("server.body_timeout", &s.body_timeout)?,
+            max_pending_connections: s.max_pending_connections,
+        };
         let node_id = self.node.id;
         if node_id.len() > 64
             || !node_id
@@ -340,6 +390,7 @@ impl Raw {
         }
         Ok(Config {
             listen,
+            server,
             node_id,
             bus,
             limits,

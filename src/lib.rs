@@ -7,8 +7,11 @@
 //! clients, encoded once.
 //!
 //! The map of the crate, from the edge inwards:
-//! - [`server`]: accept loop, HTTP routes (`/ws`, `/metrics`, `/healthz`,
-//!   `/readyz`, `/api/publish`), the WebSocket upgrade, graceful shutdown.
+//! - [`listener`]: accept loops and what a connection may cost before it is
+//!   a WebSocket (timeouts, the pending cap, the open-file budget).
+//! - [`server`]: HTTP routes (`/ws`, `/metrics`, `/healthz`, `/readyz`,
+//!   `/api/publish`) on the public and internal listeners, the WebSocket
+//!   upgrade, graceful shutdown.
 //! - [`conn`]: one connection: read loop, JSON and raw protocols, heartbeats.
 //! - [`peer`]: a client as the node sees it: the direct, non-blocking write
 //!   path and the bounded per-client queue.
@@ -27,6 +30,7 @@ pub mod conn;
 pub mod gateway;
 pub mod hub;
 pub mod limit;
+pub mod listener;
 pub mod members;
 pub mod metrics;
 pub mod peer;

@@ -27,6 +27,9 @@ pub struct Metrics {
     pub client_errors: IntCounterVec,
     pub bus_publish_seconds: Histogram,
     pub connection_duration_seconds: Histogram,
+    pub pending_connections: IntGauge,
+    pub handshakes_aborted: IntCounterVec,
+    pub accept_errors: IntCounter,
 }
 
 impl Metrics {
@@ -128,6 +131,25 @@ impl Metrics {
                 vec![
                     1.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0,
                 ],
+            )?,
+            pending_connections: int_gauge(
+                "roomcast_pending_connections",
+                "HTTP connections not (yet) upgraded to WebSocket",
+            )?,
+            handshakes_aborted: {
+                let c = counter_vec(
+                    "roomcast_handshakes_aborted_total",
+                    "HTTP connections closed before their handshake finished: header_timeout, handshake_timeout, evicted (pending cap)",
+                    "reason",
+                )?;
+                for reason in ["header_timeout", "handshake_timeout", "evicted"] {
+                    c.with_label_values(&[reason]);
+                }
+                c
+            },
+            accept_errors: counter(
+                "roomcast_accept_errors_total",
+                "Failed accepts (usually the open-file limit); the listener backs off and retries",
             )?,
             registry,
         })

@@ -1,9 +1,10 @@
-//! The node: accept loop, HTTP routes, the WebSocket upgrade, and graceful
-//! shutdown.
+//! The node: HTTP routes, the WebSocket upgrade, and graceful shutdown
+//! (accepting connections is [`crate::listener`]'s).
 //!
-//! Routes (one port): `GET /ws` (WebSocket), `GET /metrics`, `GET /healthz`,
-//! `GET /readyz`, `POST /api/publish`. Every HTTP error has a JSON body
-//! `{"error":{"code":…,"message":…}}`.
+//! Routes: `GET /ws` (WebSocket), `GET /metrics`, `GET /healthz`,
+//! `GET /readyz`, `POST /api/publish`. With `server.internal_listen` set,
+//! `/metrics` and `/api/*` move to the internal listener ([`Role`]). Every
+//! HTTP error has a JSON body `{"error":{"code":…,"message":…}}`.
 //!
 //! Shutdown: when `shutdown` fires, `/readyz` answers 503 and `/ws` refuses
 //! new clients at once; existing clients are closed with 1012 spread evenly
@@ -31,6 +32,7 @@ use crate::config::Config;
 use crate::conn::{self, Accepted, CLOSE_GRACE};
 use crate::gateway::{self, Gateway};
 use crate::hub::Hub;
+use crate::listener::{self, Edge};
 use crate::metrics::Metrics;
 use crate::protocol;
 use crate::ws::close;
@@ -40,17 +42,90 @@ use crate::{bus, protocol::valid_room};
 pub enum ServerError {
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("cannot listen on {addr} (server.internal_listen): {source}")]
+    InternalListen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Which routes a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Everything: the only listener (no `server.internal_listen`).
+    All,
+    /// Client-facing: `/ws`, `/healthz`, `/readyz`.
+    Public,
+    /// Operators and backends: `/metrics`, `/api/*`, `/healthz`, `/readyz`.
+    Internal,
+}
+
+impl Role {
+    fn serves(self, path: &str) -> bool {
+        match self {
+            Role::All => true,
+            Role::Public => !(path == "/metrics" || path.starts_with("/api/")),
+            Role::Internal => path != "/ws",
+        }
+    }
+}
+
+/// The sockets a node serves on. A bare [`TcpListener`] converts into one
+/// with no internal listener; then `server.internal_listen`, if set, is
+/// bound by [`run`].
+pub struct Listeners {
+    pub public: TcpListener,
+    pub internal: Option<TcpListener>,
+}
+
+impl From<TcpListener> for Listeners {
+    fn from(public: TcpListener) -> Self {
+        Listeners {
+            public,
+            internal: None,
+        }
+    }
 }
 
 type Body = Full<Bytes>;
 
 /// Run a gateway node on `listener` until `shutdown` fires and the drain is over.
 pub async fn run(
-    listener: TcpListener,
-    config: Config,
+    listeners: impl Into<Listeners>,
+    mut config: Config,
     registry: Registry,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
+    let Listeners { public, internal } = listeners.into();
+    let internal = match (internal, config.server.internal_listen) {
+        (Some(l), _) => Some(l),
+        (None, Some(addr)) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::InternalListen { addr, source })?,
+        ),
+        (None, None) => None,
+    };
+    let fd_limit = listener::raise_fd_limit();
+    if let Some(fd_limit) = fd_limit {
+        let budget = listener::FdBudget::new(
+            fd_limit,
+            config.limits.max_connections,
+            config.server.max_pending_connections,
+        );
+        if config.limits.max_connections != 0
+            && budget.max_connections < config.limits.max_connections
+        {
+            tracing::warn!(
+                configured = config.limits.max_connections,
+                effective = budget.max_connections,
+                fd_limit,
+                "limits.max_connections lowered to fit the open-file limit (raise `ulimit -n`)"
+            );
+        }
+        config.limits.max_connections = budget.max_connections;
+        config.server.max_pending_connections = budget.max_pending;
+    }
     let metrics = Arc::new(Metrics::new(registry)?);
     let (hub, subs) = Hub::new(metrics.clone());
     let background = TaskTracker::new();
@@ -68,19 +143,40 @@ pub async fn run(
     let gw = Arc::new(gw);
     background.spawn(conn::heartbeats(gw.clone(), stop.clone()));
     background.spawn(gateway::run_publisher(gw.clone(), publishes, stop.clone()));
+    let addr_of = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(
-        listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        listen = %addr_of(&public),
+        internal_listen = %internal.as_ref().map(addr_of).unwrap_or_default(),
         node = %gw.node_id,
+        max_connections = gw.config.limits.max_connections,
+        max_pending_connections = gw.config.server.max_pending_connections,
         "roomcast listening"
     );
 
     let connections = TaskTracker::new();
-    let accept = tokio::spawn(accept_loop(
-        listener,
-        gw.clone(),
-        connections.clone(),
-        stop.clone(),
-    ));
+    let pending = Arc::new(listener::Pending::default());
+    let edge = |role| Edge {
+        gw: gw.clone(),
+        role,
+        connections: connections.clone(),
+        // One cap for both listeners: they share the open-file budget.
+        pending: pending.clone(),
+        stop: stop.clone(),
+    };
+    let mut accepts = vec![];
+    match internal {
+        Some(internal) => {
+            accepts.push(tokio::spawn(listener::accept_loop(
+                public,
+                edge(Role::Public),
+            )));
+            accepts.push(tokio::spawn(listener::accept_loop(
+                internal,
+                edge(Role::Internal),
+            )));
+        }
+        None => accepts.push(tokio::spawn(listener::accept_loop(public, edge(Role::All)))),
+    }
 
     shutdown.cancelled().await;
     gw.draining.store(true, Ordering::Release);
@@ -101,7 +197,9 @@ pub async fn run(
     stop.cancel();
     background.close();
     background.wait().await;
-    let _ = accept.await;
+    for accept in accepts {
+        let _ = accept.await;
+    }
     tracing::info!("roomcast stopped");
     Ok(())
 }
@@ -120,59 +218,6 @@ async fn close_spread(gw: &Gateway, drain: Duration) {
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    gw: Arc<Gateway>,
-    connections: TaskTracker,
-    stop: CancellationToken,
-) {
-    loop {
-        let (stream, _addr) = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // Usually EMFILE: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        tokio::spawn(serve_http(
-            stream,
-            gw.clone(),
-            connections.clone(),
-            stop.clone(),
-        ));
-    }
-}
-
-async fn serve_http(
-    stream: TcpStream,
-    gw: Arc<Gateway>,
-    connections: TaskTracker,
-    stop: CancellationToken,
-) {
-    let service = hyper::service::service_fn(move |req| {
-        let gw = gw.clone();
-        let connections = connections.clone();
-        async move { Ok::<_, std::convert::Infallible>(route(gw, connections, req).await) }
-    });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .serve_connection(TokioIo::new(stream), service)
-        .with_upgrades();
-    tokio::select! {
-        result = conn => {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "http connection ended with an error");
-            }
-        }
-        _ = stop.cancelled() => {}
-    }
-}
-
 fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
@@ -187,13 +232,23 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
     json_response(status, protocol::http_error_body(code, message))
 }
 
-async fn route(
-    gw: Arc<Gateway>,
-    connections: TaskTracker,
-    req: Request<Incoming>,
-) -> Response<Body> {
-    match (req.method(), req.uri().path()) {
-        (&Method::GET, "/ws") => upgrade(gw, connections, req).await,
+/// Answer one request on a listener of `edge.role`.
+pub(crate) async fn route(edge: &Edge, req: Request<Incoming>) -> Response<Body> {
+    let gw = edge.gw.clone();
+    let path = req.uri().path();
+    if !edge.role.serves(path) {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            if path == "/ws" {
+                "WebSocket clients connect on server.listen"
+            } else {
+                "this endpoint is served on server.internal_listen"
+            },
+        );
+    }
+    match (req.method(), path) {
+        (&Method::GET, "/ws") => upgrade(gw, edge.connections.clone(), req).await,
         (&Method::GET, "/metrics") => {
             let mut resp = Response::new(Full::new(Bytes::from(gw.metrics.render())));
             resp.headers_mut().insert(
@@ -234,6 +289,14 @@ fn header_has(req: &Request<Incoming>, name: header::HeaderName, token: &str) ->
     })
 }
 
+/// RFC 6455 §4.1: the key is a random 16-byte value, base64-encoded.
+fn valid_ws_key(key: &[u8]) -> bool {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(key)
+        .is_ok_and(|k| k.len() == 16)
+}
+
 async fn upgrade(
     gw: Arc<Gateway>,
     connections: TaskTracker,
@@ -254,6 +317,13 @@ async fn upgrade(
             &format!("this node holds its maximum of {max} connections"),
         );
     };
+    if req.version() != hyper::Version::HTTP_11 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "a WebSocket handshake needs HTTP/1.1",
+        );
+    }
     let key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
     let (Some(key), true, true) = (
         key,
@@ -266,6 +336,13 @@ async fn upgrade(
             "this endpoint speaks WebSocket only",
         );
     };
+    if !valid_ws_key(key.as_bytes()) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "Sec-WebSocket-Key must be 16 bytes in base64",
+        );
+    }
     if req
         .headers()
         .get(header::SEC_WEBSOCKET_VERSION)
@@ -333,16 +410,41 @@ async fn upgrade(
     resp
 }
 
+/// `Content-Type: application/json` (any parameters, any case), so that a
+/// web page cannot post a "simple" cross-origin form or text/plain request.
+fn is_json(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+}
+
 /// `POST /api/publish` with `{"room":…,"event":…,"data":…}`: publish from a backend.
 async fn publish(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
+    if !is_json(&req) {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "Content-Type must be application/json",
+        );
+    }
     let limit = gw.config.limits.max_message_bytes;
-    let body = match Limited::new(req.into_body(), limit).collect().await {
-        Ok(body) => body.to_bytes(),
-        Err(_) => {
+    let collect = Limited::new(req.into_body(), limit).collect();
+    let body = match tokio::time::timeout(gw.config.server.body_timeout, collect).await {
+        Ok(Ok(body)) => body.to_bytes(),
+        Ok(Err(_)) => {
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too_big",
                 &format!("body larger than {limit} bytes or unreadable"),
+            )
+        }
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                "the body did not arrive within server.body_timeout",
             )
         }
     };
@@ -380,6 +482,16 @@ async fn publish(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
         );
     }
     let data = parsed.data.unwrap_or(serde_json::value::RawValue::NULL);
+    if !protocol::json_depth_within(data.get(), protocol::MAX_JSON_DEPTH) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_frame",
+            &format!(
+                "`data` nests deeper than {} levels",
+                protocol::MAX_JSON_DEPTH
+            ),
+        );
+    }
     let envelope = protocol::json_envelope(&parsed.event, "", data);
     match gw.publish(&parsed.room, envelope).await {
         Ok(()) => json_response(StatusCode::OK, br#"{"ok":true}"#.to_vec()),

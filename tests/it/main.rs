@@ -6,6 +6,7 @@ mod util;
 mod abuse;
 mod cluster;
 mod config;
+mod edge;
 mod json;
 mod lb;
 mod lifecycle;

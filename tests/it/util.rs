@@ -211,23 +211,40 @@ pub fn redis_config(redis: &Redis, node: &str, extra: &[(&str, &str)]) -> Config
 /// A gateway node running in this process on a free port.
 pub struct Node {
     pub addr: SocketAddr,
+    /// The internal listener (`/metrics`, `/api/*`), when the node has one.
+    pub internal: Option<SocketAddr>,
     shutdown: CancellationToken,
     task: Option<JoinHandle<()>>,
 }
 
 impl Node {
     pub async fn start(config: Config) -> Node {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind node");
-        let addr = listener.local_addr().expect("node addr");
+        Node::start_with(config, false).await
+    }
+
+    /// A node that serves `/metrics` and `/api/*` on a second listener.
+    pub async fn start_with(config: Config, internal: bool) -> Node {
+        let bind = || async { TcpListener::bind("127.0.0.1:0").await.expect("bind node") };
+        let public = bind().await;
+        let addr = public.local_addr().expect("node addr");
+        let internal = match internal {
+            true => Some(bind().await),
+            false => None,
+        };
+        let internal_addr = internal
+            .as_ref()
+            .map(|l| l.local_addr().expect("internal addr"));
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
+        let listeners = roomcast::server::Listeners { public, internal };
         let task = tokio::spawn(async move {
-            roomcast::run(listener, config, prometheus::Registry::new(), token)
+            roomcast::run(listeners, config, prometheus::Registry::new(), token)
                 .await
                 .expect("roomcast::run");
         });
         Node {
             addr,
+            internal: internal_addr,
             shutdown,
             task: Some(task),
         }
@@ -648,11 +665,25 @@ fn parse_server_frame(buf: &[u8]) -> Option<((u8, Vec<u8>), usize)> {
 /// `output`. A port taken by someone else between our check and its bind
 /// makes it exit (69), and it is started again on another port.
 pub async fn start_binary(env: &[(&str, &str)], output: fn() -> Stdio) -> (KillOnDrop, SocketAddr) {
+    start_binary_under(&[], env, output).await
+}
+
+/// [`start_binary`], run through `wrapper` (a command and its arguments that
+/// end by executing the program named after them, like `prlimit --nofile=N --`).
+pub async fn start_binary_under(
+    wrapper: &[&str],
+    env: &[(&str, &str)],
+    output: fn() -> Stdio,
+) -> (KillOnDrop, SocketAddr) {
+    let bin = env!("CARGO_BIN_EXE_roomcast");
+    let mut argv: Vec<&str> = wrapper.to_vec();
+    argv.push(bin);
     for _ in 0..5 {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
         let mut child = KillOnDrop(
-            Command::new(env!("CARGO_BIN_EXE_roomcast"))
+            Command::new(argv[0])
+                .args(&argv[1..])
                 .env("ROOMCAST__SERVER__LISTEN", addr.to_string())
                 .envs(env.iter().copied())
                 .stdout(output())
