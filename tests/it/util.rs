@@ -224,12 +224,23 @@ impl Node {
 
     /// A node that serves `/metrics` and `/api/*` on a second listener.
     pub async fn start_with(config: Config, internal: bool) -> Node {
-        let bind = || async { TcpListener::bind("127.0.0.1:0").await.expect("bind node") };
-        let public = bind().await;
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        Node::start_at(config, any, internal.then_some(any)).await
+    }
+
+    /// A node on given addresses (port 0: any), e.g. a restart on the
+    /// addresses of a node that has finished.
+    pub async fn start_at(config: Config, addr: SocketAddr, internal: Option<SocketAddr>) -> Node {
+        let bind = |a: SocketAddr| async move {
+            TcpListener::bind(a)
+                .await
+                .unwrap_or_else(|e| panic!("bind node on {a}: {e}"))
+        };
+        let public = bind(addr).await;
         let addr = public.local_addr().expect("node addr");
         let internal = match internal {
-            true => Some(bind().await),
-            false => None,
+            Some(a) => Some(bind(a).await),
+            None => None,
         };
         let internal_addr = internal
             .as_ref()
