@@ -400,9 +400,17 @@ impl Conn {
                         ));
                     }
                     self.gw.hub.join(&room, &self.peer);
+                    // Ack only once this node receives the room's messages;
+                    // while the bus is down the join is undone and refused.
+                    if !self.gw.hub.sync().await {
+                        self.gw.hub.leave(&room, &self.peer);
+                        return self.reject(Rejection::new(
+                            id,
+                            ErrorCode::Unavailable,
+                            "the bus is down: not joined; retry later",
+                        ));
+                    }
                     self.rooms.push(room.into_owned());
-                    // Ack only once this node receives the room's messages.
-                    self.gw.hub.sync().await;
                 }
                 self.ack(id);
             }

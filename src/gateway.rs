@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::peer::Peer;
-use crate::protocol::{self, ErrorCode, Rejection};
+use crate::protocol::{self, Rejection};
 
 /// Client messages waiting for the publisher task, node-wide.
 const PUBLISH_QUEUE: usize = 8192;
@@ -135,7 +135,7 @@ impl Gateway {
                 }
             }
             (Err(e), Reply::Ack(id)) => {
-                let rejection = Rejection::new(id, ErrorCode::Unavailable, e.to_string());
+                let rejection = Rejection::new(id, e.code(), e.to_string());
                 self.metrics
                     .client_errors
                     .with_label_values(&[rejection.code.as_str()])
@@ -146,7 +146,7 @@ impl Gateway {
                 tracing::debug!(conn = %peer.id, error = %e, "raw message dropped");
                 self.metrics
                     .messages_dropped
-                    .with_label_values(&["unavailable"])
+                    .with_label_values(&[e.code().as_str()])
                     .inc();
             }
         }

@@ -30,9 +30,10 @@ use crate::protocol::Outgoing;
 pub enum SubCmd {
     Subscribe(Arc<str>),
     Unsubscribe(Arc<str>),
-    /// Answer once every earlier command is in effect (or the bus is down and
-    /// will apply them when it reconnects).
-    Sync(oneshot::Sender<()>),
+    /// Answer `true` once every earlier command is in effect, `false` if the
+    /// bus is down (it will apply them when it reconnects, but messages
+    /// published meanwhile are not received).
+    Sync(oneshot::Sender<bool>),
 }
 
 #[derive(Default)]
@@ -129,12 +130,15 @@ impl Hub {
         });
     }
 
-    /// Wait until every subscription change requested so far is in effect.
-    pub async fn sync(&self) {
+    /// Wait until every subscription change requested so far is in effect;
+    /// `false` when the bus is down, so they are not (yet).
+    pub async fn sync(&self) -> bool {
         let (tx, rx) = oneshot::channel();
-        if self.subs.send(SubCmd::Sync(tx)).is_ok() {
-            let _ = rx.await;
+        if self.subs.send(SubCmd::Sync(tx)).is_err() {
+            return false;
         }
+        // A dropped barrier means the bus failed while applying it.
+        rx.await.unwrap_or(false)
     }
 
     /// Deliver one bus payload to this node's clients in `room`.

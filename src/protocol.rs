@@ -105,6 +105,7 @@ pub enum ErrorCode {
     TooManyRooms,
     RateLimited,
     Unavailable,
+    Unconfirmed,
     /// HTTP only: a malformed upgrade or API request.
     BadRequest,
 }
@@ -119,6 +120,7 @@ impl ErrorCode {
             ErrorCode::TooManyRooms => "too_many_rooms",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Unconfirmed => "unconfirmed",
             ErrorCode::BadRequest => "bad_request",
         }
     }

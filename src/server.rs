@@ -28,6 +28,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::bus::BusError;
 use crate::config::Config;
 use crate::conn::{self, Accepted, CLOSE_GRACE};
 use crate::gateway::{self, Gateway};
@@ -367,7 +368,14 @@ async fn upgrade(
         .into_iter()
         .map(|r| (r.clone(), gw.hub.pin(&r)))
         .collect();
-    gw.hub.sync().await;
+    if !rooms.is_empty() && !gw.hub.sync().await {
+        // Dropping the pins undoes the subscriptions.
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the bus is down: the rooms cannot be joined now; retry (another node may take you)",
+        );
+    }
 
     let on_upgrade = hyper::upgrade::on(&mut req);
     let task_gw = gw.clone();
@@ -496,8 +504,11 @@ async fn publish(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
     match gw.publish(&parsed.room, envelope).await {
         Ok(()) => json_response(StatusCode::OK, br#"{"ok":true}"#.to_vec()),
         Err(e) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
+            match e {
+                BusError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+                BusError::Unconfirmed(_) => StatusCode::GATEWAY_TIMEOUT,
+            },
+            e.code().as_str(),
             &e.to_string(),
         ),
     }

@@ -73,7 +73,7 @@ pub fn start(
                 Some(cmd) = subs.recv() => {
                     // Every room is local: nothing to subscribe; barriers pass at once.
                     if let SubCmd::Sync(done) = cmd {
-                        let _ = done.send(());
+                        let _ = done.send(true);
                     }
                 }
             }

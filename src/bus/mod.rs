@@ -23,15 +23,34 @@ use tokio_util::task::TaskTracker;
 use crate::config::BusConfig;
 use crate::hub::{Hub, SubCmd};
 use crate::metrics::Metrics;
+use crate::protocol::ErrorCode;
 
 /// Most messages handed to the hub as one batch (see [`Hub::deliver_batch`]).
 const MAX_BATCH: usize = 256;
 
+/// Why a publish was not confirmed. The two cases promise different things
+/// to the client (docs/protocol.md, "What an ack and an error mean").
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
-    /// The bus cannot take the message right now (down, overloaded, timed out).
+    /// Certainly not delivered to anyone: the bus was down or full before the
+    /// message was sent, or Redis reported no receiver for it. Safe to retry.
     #[error("bus unavailable: {0}")]
     Unavailable(String),
+    /// Sent, but the outcome is unknown (no reply in time, the connection
+    /// failed before the reply, or the reply came on a connection declared
+    /// dead): it may have reached some or all receivers.
+    #[error("outcome unknown: {0}")]
+    Unconfirmed(String),
+}
+
+impl BusError {
+    /// The client-facing code for this failure.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            BusError::Unavailable(_) => ErrorCode::Unavailable,
+            BusError::Unconfirmed(_) => ErrorCode::Unconfirmed,
+        }
+    }
 }
 
 pub trait Bus: Send + Sync + 'static {

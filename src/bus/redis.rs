@@ -15,7 +15,7 @@
 //! up again uses a fresh connection.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,8 +40,13 @@ const RESUBSCRIBE_BATCH: usize = 512;
 
 struct RedisBus {
     config: RedisConfig,
-    /// The publishing connection while the bus is up.
-    publisher: RwLock<Option<MultiplexedConnection>>,
+    /// The publishing connection while the bus is up, with the generation
+    /// it belongs to.
+    publisher: RwLock<Option<(u64, MultiplexedConnection)>>,
+    /// Bumped each time the connections are declared dead: a reply that
+    /// arrives on an older generation is not trusted (the node's
+    /// subscriptions may have been gone when Redis handled the publish).
+    generation: AtomicU64,
     up: AtomicBool,
     /// A publish failed: the supervisor should check the connection now.
     suspect: Notify,
@@ -54,7 +59,11 @@ impl RedisBus {
 
     fn set_up(&self, metrics: &Metrics, publisher: Option<MultiplexedConnection>) {
         let up = publisher.is_some();
-        *self.publisher.write() = publisher;
+        let generation = match up {
+            true => self.generation.load(Ordering::Acquire),
+            false => self.generation.fetch_add(1, Ordering::AcqRel) + 1,
+        };
+        *self.publisher.write() = publisher.map(|p| (generation, p));
         self.up.store(up, Ordering::Release);
         metrics.bus_up.set(if up { 1.0 } else { 0.0 });
     }
@@ -80,31 +89,54 @@ impl Bus for RedisBus {
         items: &'a [(String, Bytes)],
     ) -> BoxFuture<'a, Vec<Result<(), BusError>>> {
         async move {
-            let failed = |reason: &str| -> Vec<Result<(), BusError>> {
-                items
-                    .iter()
-                    .map(|_| Err(BusError::Unavailable(reason.to_owned())))
-                    .collect()
+            let all = |err: fn(String) -> BusError, reason: &str| -> Vec<Result<(), BusError>> {
+                items.iter().map(|_| Err(err(reason.to_owned()))).collect()
             };
-            let Some(mut conn) = self.publisher.read().clone() else {
-                return failed("redis is not connected");
+            let Some((generation, mut conn)) = self.publisher.read().clone() else {
+                return all(BusError::Unavailable, "redis is not connected");
             };
             let mut pipe = redis::pipe();
             for (room, envelope) in items {
                 pipe.cmd("PUBLISH")
                     .arg(self.channel(room))
-                    .arg(&envelope[..])
-                    .ignore();
+                    .arg(&envelope[..]);
             }
-            match timeout(self.config.timeout, pipe.query_async::<()>(&mut conn)).await {
-                Ok(Ok(())) => items.iter().map(|_| Ok(())).collect(),
+            // One receiver count per PUBLISH.
+            match timeout(self.config.timeout, pipe.query_async::<Vec<i64>>(&mut conn)).await {
+                Ok(Ok(receivers)) if self.generation.load(Ordering::Acquire) == generation => {
+                    receivers.iter().map(|_| Ok(())).collect()
+                }
+                Ok(Ok(receivers)) => {
+                    // Answered on a connection declared dead meanwhile: Redis
+                    // may have handled it while this node's subscriptions were
+                    // gone. Only "nobody received it" is certain.
+                    receivers
+                        .iter()
+                        .map(|&n| {
+                            Err(match n {
+                                0 => BusError::Unavailable(
+                                    "redis connection was lost; nobody received the message".into(),
+                                ),
+                                _ => BusError::Unconfirmed(
+                                    "redis connection was lost; some nodes may not have received the message".into(),
+                                ),
+                            })
+                        })
+                        .collect()
+                }
                 Ok(Err(e)) => {
                     self.suspect.notify_one();
-                    failed(&format!("redis publish failed: {e}"))
+                    // Redis answering with an error refused the command; a
+                    // broken connection may have carried it first.
+                    let err = match e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
+                        true => BusError::Unconfirmed,
+                        false => BusError::Unavailable,
+                    };
+                    all(err, &format!("redis publish failed: {e}"))
                 }
                 Err(_) => {
                     self.suspect.notify_one();
-                    failed("redis publish timed out")
+                    all(BusError::Unconfirmed, "redis publish timed out")
                 }
             }
         }
@@ -128,6 +160,7 @@ pub fn start(
     let bus = Arc::new(RedisBus {
         config,
         publisher: RwLock::new(None),
+        generation: AtomicU64::new(0),
         up: AtomicBool::new(false),
         suspect: Notify::new(),
     });
@@ -204,8 +237,8 @@ impl Supervisor {
         }
     }
 
-    /// Commands while disconnected only change the desired set; barriers pass
-    /// (the subscriptions will be made on reconnect).
+    /// Commands while disconnected only change the desired set (the
+    /// subscriptions are made on reconnect); barriers answer "not in effect".
     fn apply_offline(&mut self, cmd: SubCmd) {
         match cmd {
             SubCmd::Subscribe(room) => {
@@ -215,7 +248,7 @@ impl Supervisor {
                 self.desired.remove(&room);
             }
             SubCmd::Sync(done) => {
-                let _ = done.send(());
+                let _ = done.send(false);
             }
         }
     }
@@ -324,7 +357,7 @@ impl Supervisor {
                 SubCmd::Unsubscribe(room) => (false, room),
                 SubCmd::Sync(done) => {
                     // Everything before the barrier has been applied.
-                    let _ = done.send(());
+                    let _ = done.send(true);
                     continue;
                 }
             };
@@ -364,7 +397,7 @@ impl Supervisor {
             Ok(Err(e)) => return Err(format!("subscriber ping failed: {e}")),
             Err(_) => return Err("subscriber ping timed out".into()),
         }
-        let Some(mut publisher) = self.bus.publisher.read().clone() else {
+        let Some((_, mut publisher)) = self.bus.publisher.read().clone() else {
             return Err("publisher missing".into());
         };
         match timeout(
