@@ -21,6 +21,7 @@ pub struct Metrics {
     pub bus_invalid: IntCounter,
     pub bus_up: Gauge,
     pub bus_reconnects: IntCounter,
+    pub bus_canary_failures: IntCounter,
     pub deliveries: IntCounter,
     pub slow_consumer_disconnects: IntCounter,
     pub heartbeat_timeouts: IntCounter,
@@ -99,6 +100,10 @@ impl Metrics {
             bus_reconnects: counter(
                 "roomcast_bus_reconnects_total",
                 "Successful (re)connections of the bus",
+            )?,
+            bus_canary_failures: counter(
+                "roomcast_bus_canary_failures_total",
+                "Canaries that did not come back through the bus in time (each marks the bus down)",
             )?,
             deliveries: counter(
                 "roomcast_deliveries_total",

@@ -131,15 +131,16 @@ pub async fn run(
     let (hub, subs) = Hub::new(metrics.clone());
     let background = TaskTracker::new();
     let stop = CancellationToken::new();
+    let node_id = config.node_id();
     let bus = bus::start(
         &config.bus,
+        &node_id,
         hub.clone(),
         subs,
         metrics.clone(),
         &background,
         stop.clone(),
     );
-    let node_id = config.node_id();
     let (gw, publishes) = Gateway::new(config, node_id, hub, bus, metrics);
     let gw = Arc::new(gw);
     background.spawn(conn::heartbeats(gw.clone(), stop.clone()));

@@ -80,6 +80,7 @@ pub trait Bus: Send + Sync + 'static {
 /// Start the configured backend's tasks on `tracker`; they stop on `shutdown`.
 pub fn start(
     config: &BusConfig,
+    node_id: &str,
     hub: Arc<Hub>,
     subs: mpsc::UnboundedReceiver<SubCmd>,
     metrics: Arc<Metrics>,
@@ -90,8 +91,14 @@ pub fn start(
         BusConfig::Memory { capacity } => {
             memory::start(*capacity, hub, subs, metrics, tracker, shutdown)
         }
-        BusConfig::Redis(redis) => {
-            redis::start(redis.clone(), hub, subs, metrics, tracker, shutdown)
-        }
+        BusConfig::Redis(redis) => redis::start(
+            redis.clone(),
+            node_id,
+            hub,
+            subs,
+            metrics,
+            tracker,
+            shutdown,
+        ),
     }
 }

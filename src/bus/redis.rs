@@ -8,6 +8,14 @@
 //! any failure marks the bus down, reconnects with capped, jittered backoff
 //! and re-subscribes every room that still has local clients.
 //!
+//! PINGs prove that Redis answers, not that it delivers. So every
+//! `canary_interval` the node publishes a canary on a channel of its own
+//! (`<prefix>canary:<node id>`, subscribed on the subscriber connection) and
+//! expects it back within `timeout`; a lost canary counts
+//! `roomcast_bus_canary_failures_total` and is handled like a dead link.
+//! After a (re)connect the bus is declared up only once a first canary has
+//! come back.
+//!
 //! We do not use redis-rs's `ConnectionManager` resubscription: measured, it
 //! recovered from a 1 s outage but not from a 15 s one until another command
 //! ran, and its first PUBLISH after a restart failed once. Here both
@@ -150,6 +158,7 @@ impl Bus for RedisBus {
 
 pub fn start(
     config: RedisConfig,
+    node_id: &str,
     hub: Arc<Hub>,
     subs: mpsc::UnboundedReceiver<SubCmd>,
     metrics: Arc<Metrics>,
@@ -165,6 +174,8 @@ pub fn start(
         suspect: Notify::new(),
     });
     let supervisor = Supervisor {
+        canary_channel: format!("{}canary:{node_id}", bus.config.channel_prefix),
+        canary_seq: 0,
         bus: bus.clone(),
         hub,
         subs,
@@ -184,6 +195,10 @@ struct Supervisor {
     shutdown: CancellationToken,
     /// Rooms that should be subscribed: the hub's rooms, in command order.
     desired: HashSet<Arc<str>>,
+    /// This node's private channel for canaries.
+    canary_channel: String,
+    /// The last canary sent (its payload).
+    canary_seq: u64,
 }
 
 /// Why a connected session ended.
@@ -203,11 +218,11 @@ impl Supervisor {
                 c = self.connect() => c,
             };
             match connected {
-                Ok((sink, stream)) => {
+                Ok((sink, stream, publisher)) => {
                     backoff = cfg.backoff_min;
                     self.metrics.bus_reconnects.inc();
                     tracing::info!(url = %cfg.url, rooms = self.desired.len(), "redis bus connected");
-                    let ended = self.serve(sink, stream).await;
+                    let ended = self.serve(sink, stream, publisher).await;
                     self.bus.set_up(&self.metrics, None);
                     match ended {
                         Ended::Shutdown => return,
@@ -253,7 +268,9 @@ impl Supervisor {
         }
     }
 
-    async fn connect(&mut self) -> Result<(PubSubSink, PubSubStream), String> {
+    async fn connect(
+        &mut self,
+    ) -> Result<(PubSubSink, PubSubStream, MultiplexedConnection), String> {
         let cfg = &self.bus.config;
         let client = redis::Client::open(cfg.url.as_str()).map_err(|e| e.to_string())?;
         let pubsub = timeout(cfg.timeout, client.get_async_pubsub())
@@ -261,7 +278,8 @@ impl Supervisor {
             .map_err(|_| "timed out connecting".to_string())?
             .map_err(|e| e.to_string())?;
         let (mut sink, stream) = pubsub.split();
-        let rooms: Vec<String> = self.desired.iter().map(|r| self.bus.channel(r)).collect();
+        let mut rooms: Vec<String> = self.desired.iter().map(|r| self.bus.channel(r)).collect();
+        rooms.push(self.canary_channel.clone());
         for batch in rooms.chunks(RESUBSCRIBE_BATCH) {
             timeout(cfg.timeout, sink.subscribe(batch))
                 .await
@@ -275,18 +293,65 @@ impl Supervisor {
             .get_multiplexed_async_connection_with_config(&conn_config)
             .await
             .map_err(|e| e.to_string())?;
-        self.bus.set_up(&self.metrics, Some(publisher));
-        Ok((sink, stream))
+        Ok((sink, stream, publisher))
     }
 
-    async fn serve(&mut self, mut sink: PubSubSink, mut stream: PubSubStream) -> Ended {
+    /// Publish the next canary (on a task of its own, so a stuck PUBLISH
+    /// never stalls the subscriber) and return when it must be back.
+    fn send_canary(&mut self, publisher: &MultiplexedConnection) -> Instant {
+        self.canary_seq += 1;
+        let mut conn = publisher.clone();
+        let cmd = redis::cmd("PUBLISH")
+            .arg(&self.canary_channel)
+            .arg(self.canary_seq)
+            .to_owned();
+        let limit = self.bus.config.timeout;
+        tokio::spawn(async move {
+            let _ = timeout(limit, cmd.query_async::<i64>(&mut conn)).await;
+        });
+        Instant::now() + limit
+    }
+
+    async fn serve(
+        &mut self,
+        mut sink: PubSubSink,
+        mut stream: PubSubStream,
+        publisher: MultiplexedConnection,
+    ) -> Ended {
         let cfg = self.bus.config.clone();
         let prefix = format!("{}room:", cfg.channel_prefix);
         let mut ping =
             tokio::time::interval_at(Instant::now() + cfg.ping_interval, cfg.ping_interval);
+        let canaries = !cfg.canary_interval.is_zero();
+        // Placeholders when canaries are off: the branches below are disabled then.
+        let period = if canaries {
+            cfg.canary_interval
+        } else {
+            Duration::from_secs(3600)
+        };
+        let mut canary_tick = tokio::time::interval_at(Instant::now() + period, period);
+        // The canary in flight: (payload, deadline). Up only after the first one is back.
+        let mut canary: Option<(u64, Instant)> = None;
+        // Kept for PINGs and canaries; handed to publishers once up.
+        let conn = publisher.clone();
+        let mut publisher = Some(publisher);
+        if canaries {
+            canary = Some((self.canary_seq + 1, self.send_canary(&conn)));
+        } else {
+            self.bus.set_up(&self.metrics, publisher.take());
+        }
+        let far = Instant::now() + Duration::from_secs(3600);
         loop {
+            let deadline = canary.map_or(far, |(_, d)| d);
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ended::Shutdown,
+                _ = tokio::time::sleep_until(deadline), if canary.is_some() => {
+                    self.metrics.bus_canary_failures.inc();
+                    return Ended::Failed("the canary did not come back through redis in time".into());
+                }
+                _ = canary_tick.tick(), if canaries && canary.is_none() => {
+                    canary = Some((self.canary_seq + 1, self.send_canary(&conn)));
+                }
                 msg = stream.next() => {
                     let Some(first) = msg else {
                         return Ended::Failed("subscriber connection closed".into());
@@ -302,6 +367,18 @@ impl Supervisor {
                                 break;
                             }
                             None => break,
+                        }
+                    }
+                    if let Some((seq, _)) = canary {
+                        let back = batch.iter().any(|m| {
+                            m.get_channel_name() == self.canary_channel
+                                && m.get_payload_bytes() == seq.to_string().as_bytes()
+                        });
+                        if back {
+                            canary = None;
+                            if let Some(p) = publisher.take() {
+                                self.bus.set_up(&self.metrics, Some(p));
+                            }
                         }
                     }
                     let items: Vec<(&str, &[u8])> = batch
@@ -329,12 +406,12 @@ impl Supervisor {
                     }
                 }
                 _ = ping.tick() => {
-                    if let Err(reason) = self.check(&mut sink, cfg.timeout).await {
+                    if let Err(reason) = self.check(&mut sink, &conn, cfg.timeout).await {
                         return Ended::Failed(reason);
                     }
                 }
                 _ = self.bus.suspect.notified() => {
-                    if let Err(reason) = self.check(&mut sink, cfg.timeout).await {
+                    if let Err(reason) = self.check(&mut sink, &conn, cfg.timeout).await {
                         return Ended::Failed(reason);
                     }
                 }
@@ -391,15 +468,18 @@ impl Supervisor {
     }
 
     /// PING both connections; a dead link is not trusted forever.
-    async fn check(&mut self, sink: &mut PubSubSink, limit: Duration) -> Result<(), String> {
+    async fn check(
+        &mut self,
+        sink: &mut PubSubSink,
+        publisher: &MultiplexedConnection,
+        limit: Duration,
+    ) -> Result<(), String> {
         match timeout(limit, sink.ping::<redis::Value>()).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(format!("subscriber ping failed: {e}")),
             Err(_) => return Err("subscriber ping timed out".into()),
         }
-        let Some((_, mut publisher)) = self.bus.publisher.read().clone() else {
-            return Err("publisher missing".into());
-        };
+        let mut publisher = publisher.clone();
         match timeout(
             limit,
             redis::cmd("PING").query_async::<String>(&mut publisher),

@@ -73,10 +73,18 @@ async fn nodes_subscribe_only_to_rooms_with_local_clients() {
     assert_eq!(redis.numsub("hot").await, 2);
     assert_eq!(redis.numsub("quiet").await, 1);
     assert_eq!(redis.numsub("nobody").await, 0);
-    let channels: Vec<String> = redis.cmd(&["PUBSUB", "CHANNELS", "roomcast:*"]).await;
-    let mut channels = channels;
+    let mut channels: Vec<String> = redis.cmd(&["PUBSUB", "CHANNELS", "roomcast:*"]).await;
     channels.sort();
-    assert_eq!(channels, ["roomcast:room:hot", "roomcast:room:quiet"]);
+    // Rooms with local clients, and each node's own canary channel.
+    assert_eq!(
+        channels,
+        [
+            "roomcast:canary:a",
+            "roomcast:canary:b",
+            "roomcast:room:hot",
+            "roomcast:room:quiet"
+        ]
+    );
     assert_eq!(a.metric("roomcast_rooms").await, 1.0);
     assert_eq!(b.metric("roomcast_rooms").await, 2.0);
 

@@ -4,6 +4,7 @@
 mod util;
 
 mod abuse;
+mod canary;
 mod cluster;
 mod config;
 mod edge;
