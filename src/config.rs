@@ -28,6 +28,20 @@ pub enum ConfigError {
     Source(String),
 }
 
+/// `url` with its password (if any) replaced by `***`, for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    match redis::parse_redis_url(url) {
+        Some(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Some(_) => url.to_owned(),
+        // Not a URL we can parse: do not risk echoing a secret.
+        None if url.contains('@') => "<unparsable url with credentials>".to_owned(),
+        None => url.to_owned(),
+    }
+}
+
 fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_owned(),
@@ -80,6 +94,9 @@ pub struct RedisConfig {
     pub ping_interval: Duration,
     /// How often a canary goes round the bus (zero: never); see `bus::redis`.
     pub canary_interval: Duration,
+    /// PEM file of the CA(s) a `rediss://` server's certificate must chain
+    /// to; `None`: the system's trust store. Read again at every connect.
+    pub tls_ca_file: Option<std::path::PathBuf>,
     pub timeout: Duration,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
@@ -157,6 +174,7 @@ struct RawRedis {
     channel_prefix: String,
     ping_interval: String,
     canary_interval: String,
+    tls_ca_file: String,
     timeout: String,
     backoff_min: String,
     backoff_max: String,
@@ -314,12 +332,33 @@ impl Raw {
             },
             "redis" => {
                 let r = self.bus.redis;
-                if redis::parse_redis_url(&r.url).is_none() {
+                let Some(url) = redis::parse_redis_url(&r.url) else {
                     return Err(invalid(
                         "bus.redis.url",
-                        format!("{:?} is not a redis:// URL", r.url),
+                        format!(
+                            "{:?} is not a redis:// or rediss:// URL",
+                            redact_url(&r.url)
+                        ),
                     ));
-                }
+                };
+                let tls_ca_file = match r.tls_ca_file.as_str() {
+                    "" => None,
+                    path => {
+                        if url.scheme() != "rediss" {
+                            return Err(invalid(
+                                "bus.redis.tls_ca_file",
+                                "is only used with a rediss:// bus.redis.url",
+                            ));
+                        }
+                        if let Err(e) = std::fs::read(path) {
+                            return Err(invalid(
+                                "bus.redis.tls_ca_file",
+                                format!("cannot read {path:?}: {e}"),
+                            ));
+                        }
+                        Some(std::path::PathBuf::from(path))
+                    }
+                };
                 let backoff_min = duration("bus.redis.backoff_min", &r.backoff_min)?;
                 let backoff_max = duration("bus.redis.backoff_max", &r.backoff_max)?;
                 if backoff_max < backoff_min {
@@ -336,6 +375,7 @@ impl Raw {
                     timeout: nonzero_duration("bus.redis.timeout", &r.timeout)?,
                     backoff_min,
                     backoff_max,
+                    tls_ca_file,
                 })
             }
             other => {

@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{Bus, BusError};
-use crate::config::RedisConfig;
+use crate::config::{redact_url, RedisConfig};
 use crate::hub::{Hub, SubCmd};
 use crate::metrics::Metrics;
 
@@ -156,6 +156,23 @@ impl Bus for RedisBus {
     }
 }
 
+/// A client for `cfg.url`; for `rediss://`, trusting `cfg.tls_ca_file` if set.
+fn client(cfg: &RedisConfig) -> Result<redis::Client, String> {
+    let client = match &cfg.tls_ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| format!("bus.redis.tls_ca_file {}: {e}", path.display()))?;
+            let certs = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem),
+            };
+            redis::Client::build_with_tls(cfg.url.as_str(), certs)
+        }
+        None => redis::Client::open(cfg.url.as_str()),
+    };
+    client.map_err(|e| e.to_string())
+}
+
 pub fn start(
     config: RedisConfig,
     node_id: &str,
@@ -221,7 +238,7 @@ impl Supervisor {
                 Ok((sink, stream, publisher)) => {
                     backoff = cfg.backoff_min;
                     self.metrics.bus_reconnects.inc();
-                    tracing::info!(url = %cfg.url, rooms = self.desired.len(), "redis bus connected");
+                    tracing::info!(url = %redact_url(&cfg.url), rooms = self.desired.len(), "redis bus connected");
                     let ended = self.serve(sink, stream, publisher).await;
                     self.bus.set_up(&self.metrics, None);
                     match ended {
@@ -272,7 +289,7 @@ impl Supervisor {
         &mut self,
     ) -> Result<(PubSubSink, PubSubStream, MultiplexedConnection), String> {
         let cfg = &self.bus.config;
-        let client = redis::Client::open(cfg.url.as_str()).map_err(|e| e.to_string())?;
+        let client = client(cfg)?;
         let pubsub = timeout(cfg.timeout, client.get_async_pubsub())
             .await
             .map_err(|_| "timed out connecting".to_string())?

@@ -15,3 +15,4 @@ mod metrics;
 mod outage;
 mod raw;
 mod slow;
+mod tls;

@@ -64,8 +64,14 @@ impl Redis {
     /// A server on a free port. Another process may take the port between
     /// our check and redis-server's bind; then it exits, and we try another.
     pub async fn start() -> Redis {
+        Redis::start_with(|| vec![]).await
+    }
+
+    /// A server on a free port with more arguments (built afresh on every
+    /// attempt, so they can name other free ports, e.g. `--tls-port`).
+    pub async fn start_with(args: impl Fn() -> Vec<String>) -> Redis {
         for _ in 0..5 {
-            if let Some(redis) = Redis::try_start_on(free_port()).await {
+            if let Some(redis) = Redis::try_start_on(free_port(), &args()).await {
                 return redis;
             }
         }
@@ -74,14 +80,15 @@ impl Redis {
 
     /// A server on `port` (e.g. the port of one that was killed, to restart it).
     pub async fn start_on(port: u16) -> Redis {
-        Redis::try_start_on(port)
+        Redis::try_start_on(port, &[])
             .await
             .unwrap_or_else(|| panic!("redis-server could not start on port {port}"))
     }
 
-    async fn try_start_on(port: u16) -> Option<Redis> {
+    async fn try_start_on(port: u16, extra: &[String]) -> Option<Redis> {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
