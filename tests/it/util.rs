@@ -64,7 +64,7 @@ impl Redis {
     /// A server on a free port. Another process may take the port between
     /// our check and redis-server's bind; then it exits, and we try another.
     pub async fn start() -> Redis {
-        Redis::start_with(|| vec![]).await
+        Redis::start_with(Vec::new).await
     }
 
     /// A server on a free port with more arguments (built afresh on every
