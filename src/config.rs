@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::limit::Rate;
 
@@ -26,6 +26,21 @@ pub enum ConfigError {
     Invalid { key: String, message: String },
     #[error("{0}")]
     Source(String),
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact_url(&self.url))
+            .field("channel_prefix", &self.channel_prefix)
+            .field("ping_interval", &self.ping_interval)
+            .field("canary_interval", &self.canary_interval)
+            .field("timeout", &self.timeout)
+            .field("backoff_min", &self.backoff_min)
+            .field("backoff_max", &self.backoff_max)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .finish()
+    }
 }
 
 /// `url` with its password (if any) replaced by `***`, for logs and errors.
@@ -64,6 +79,19 @@ pub struct Config {
     /// Period over which clients are closed on shutdown.
     pub drain: Duration,
     pub log: LogConfig,
+    /// The layered settings as read (for [`Config::to_toml`]).
+    effective: Effective,
+}
+
+/// The raw settings a [`Config`] came from; not in its `Debug` output (it
+/// would print secrets).
+#[derive(Clone)]
+struct Effective(Raw);
+
+impl std::fmt::Debug for Effective {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Effective { .. }")
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -87,7 +115,7 @@ pub enum BusConfig {
     Redis(RedisConfig),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RedisConfig {
     pub url: String,
     pub channel_prefix: String,
@@ -130,7 +158,7 @@ pub struct LogConfig {
 
 // ---- raw shapes, exactly as written in TOML / env ----
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields)]
 struct Raw {
     server: RawServer,
@@ -142,7 +170,7 @@ struct Raw {
     log: RawLog,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields)]
 struct RawServer {
     listen: String,
@@ -153,13 +181,13 @@ struct RawServer {
     max_pending_connections: usize,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields)]
 struct RawNode {
     id: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields)]
 struct RawBus {
     kind: String,
@@ -167,7 +195,7 @@ struct RawBus {
     redis: RawRedis,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields)]
 struct RawRedis {
     url: String,
@@ -180,7 +208,7 @@ struct RawRedis {
     backoff_max: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     max_connections: usize,
@@ -194,24 +222,116 @@ struct RawLimits {
     commands_burst: u32,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields)]
 struct RawHeartbeat {
     interval: String,
     timeout: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields)]
 struct RawShutdown {
     drain: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields)]
 struct RawLog {
     format: String,
     level: String,
+}
+
+/// Every `ROOMCAST_…` variable must name a setting (`ROOMCAST__SECTION__KEY`):
+/// a typo must not leave a node silently running on defaults.
+fn check_env_names(env: &[(String, String)]) -> Result<(), ConfigError> {
+    let known = known_keys();
+    for (name, _) in env {
+        if !name.starts_with("ROOMCAST_") {
+            continue;
+        }
+        let key = name
+            .strip_prefix("ROOMCAST__")
+            .map(|rest| rest.to_ascii_lowercase().replace("__", "."));
+        match key {
+            Some(key) if known.contains(&key) => {}
+            _ => {
+                let hint = name
+                    .strip_prefix("ROOMCAST_")
+                    .map(|rest| rest.trim_start_matches('_'))
+                    .map(|rest| format!("ROOMCAST__{}", rest.to_ascii_uppercase()))
+                    .filter(|guess| {
+                        let k = guess["ROOMCAST__".len()..]
+                            .to_ascii_lowercase()
+                            .replace("__", ".");
+                        known.contains(&k)
+                    })
+                    .map(|guess| format!("; did you mean {guess}?"))
+                    .unwrap_or_default();
+                return Err(ConfigError::Invalid {
+                    key: name.clone(),
+                    message: format!(
+                        "not a roomcast setting (variables are ROOMCAST__SECTION__KEY, with two underscores; keys are in config/default.toml){hint}"
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The dotted keys of every setting (from the embedded defaults).
+fn known_keys() -> Vec<String> {
+    fn walk(prefix: &str, table: &toml::Table, out: &mut Vec<String>) {
+        for (k, v) in table {
+            let key = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            match v {
+                toml::Value::Table(t) => walk(&key, t, out),
+                _ => out.push(key),
+            }
+        }
+    }
+    let mut out = Vec::new();
+    if let Ok(table) = DEFAULT_TOML.parse::<toml::Table>() {
+        walk("", &table, &mut out);
+    }
+    out
+}
+
+/// A log filter is a comma-separated list of levels or `target=level`
+/// directives. Stricter than `EnvFilter`, which takes any bare word as a
+/// target name — so a typo like "inf" would silence every log line.
+fn check_log_filter(key: &str, filter: &str) -> Result<(), ConfigError> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let is_level = |l: &str| LEVELS.iter().any(|x| x.eq_ignore_ascii_case(l.trim()));
+    let bad = |why: String| {
+        invalid(
+            key,
+            format!("{filter:?} is not a log filter ({why}); use a level (trace, debug, info, warn, error, off) or target=level, comma-separated"),
+        )
+    };
+    if filter.trim().is_empty() {
+        return Err(bad("empty".into()));
+    }
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        match directive.rsplit_once('=') {
+            Some((target, level)) if !target.trim().is_empty() && is_level(level) => {}
+            Some(_) => return Err(bad(format!("{directive:?} needs target=level"))),
+            None if is_level(directive) => {}
+            None => return Err(bad(format!("{directive:?} is not a level"))),
+        }
+    }
+    if tracing_subscriber::EnvFilter::builder()
+        .parse(filter)
+        .is_err()
+    {
+        return Err(bad("rejected by the filter parser".into()));
+    }
+    Ok(())
 }
 
 impl Config {
@@ -227,6 +347,11 @@ impl Config {
         ));
         if let Some(path) = file {
             builder = builder.add_source(config::File::from(path).required(true));
+        }
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        check_env_names(&env)?;
+        if let Some((_, filter)) = env.iter().find(|(k, _)| k == "RUST_LOG") {
+            check_log_filter("RUST_LOG", filter)?;
         }
         let env: HashMap<String, String> = env
             .into_iter()
@@ -246,6 +371,14 @@ impl Config {
             invalid(&key, e.into_inner().to_string())
         })?;
         raw.validate()
+    }
+
+    /// The effective configuration as TOML with the file's key names, secrets
+    /// redacted: what `--check-config` prints, and a valid `--config` file.
+    pub fn to_toml(&self) -> String {
+        let mut raw = self.effective.0.clone();
+        raw.bus.redis.url = redact_url(&raw.bus.redis.url);
+        toml::to_string(&raw).unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
     }
 
     /// The node id: configured, or the hostname plus a random suffix.
@@ -279,6 +412,7 @@ fn positive(key: &str, value: usize) -> Result<usize, ConfigError> {
 
 impl Raw {
     fn validate(self) -> Result<Config, ConfigError> {
+        let effective = self.clone();
         let address = |key: &str, value: &str| -> Result<SocketAddr, ConfigError> {
             value.parse().map_err(|_| {
                 invalid(
@@ -426,12 +560,7 @@ impl Raw {
                 ))
             }
         };
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err(invalid(
-                "log.level",
-                format!("{:?} is not a log filter like \"info\"", self.log.level),
-            ));
-        }
+        check_log_filter("log.level", &self.log.level)?;
         Ok(Config {
             listen,
             server,
@@ -444,6 +573,7 @@ impl Raw {
                 json,
                 level: self.log.level,
             },
+            effective: Effective(effective),
         })
     }
 }

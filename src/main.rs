@@ -1,8 +1,15 @@
 //! The `roomcast` binary: config → tracing → bind → [`roomcast::run`] → exit code.
+//!
+//! Signals: SIGTERM, SIGINT and SIGQUIT drain the node (close 1012 spread
+//! over `shutdown.drain`) and exit 0; a second one during the drain exits at
+//! once with 130. SIGHUP is logged and ignored (a closed terminal or a
+//! supervisor's reload must not drop every client). SIGUSR1 logs a status
+//! line. See README, "Signals".
 
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -18,10 +25,13 @@ struct Args {
     /// TOML file overriding config/default.toml (environment variables ROOMCAST__SECTION__KEY override both).
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
-    /// Validate the configuration, print it, and exit.
+    /// Validate the configuration, print it as TOML (secrets redacted), and exit.
     #[arg(long)]
     check_config: bool,
 }
+
+/// Exit code of a second stop signal during the drain (128 + SIGINT, as shells do).
+const EXIT_INTERRUPTED: u8 = 130;
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -33,16 +43,20 @@ fn main() -> ExitCode {
         }
     };
     if args.check_config {
-        println!("{config:#?}");
+        print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
     }
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    // RUST_LOG, when set, was validated with the configuration.
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(filter) => EnvFilter::new(filter),
+        Err(_) => EnvFilter::new(&config.log.level),
+    };
     // A log write that fails (say, stdout is a pipe whose reader died) must
     // never take a task down: by default tracing-subscriber reports it with
     // eprintln!, which panics when stderr is that same broken pipe.
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal())
         .log_internal_errors(false);
     if config.log.json {
         logs.json().init();
@@ -68,38 +82,109 @@ async fn serve(config: Config) -> ExitCode {
         }
     };
     let shutdown = CancellationToken::new();
-    tokio::spawn(signals(shutdown.clone()));
-    match roomcast::run(listener, config, prometheus::Registry::new(), shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "roomcast failed");
-            ExitCode::FAILURE
+    let registry = prometheus::Registry::new();
+    let node = tokio::spawn(roomcast::run(
+        listener,
+        config,
+        registry.clone(),
+        shutdown.clone(),
+    ));
+    tokio::select! {
+        result = node => match result {
+            Ok(Ok(())) => ExitCode::SUCCESS,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "roomcast failed");
+                ExitCode::FAILURE
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "roomcast task failed");
+                ExitCode::FAILURE
+            }
+        },
+        forced = signals(shutdown, registry) => {
+            tracing::warn!(signal = forced, "second stop signal during the drain: exiting now");
+            ExitCode::from(EXIT_INTERRUPTED)
         }
     }
 }
 
-/// Cancel `shutdown` on SIGTERM or SIGINT (cancel first, then log).
-async fn signals(shutdown: CancellationToken) {
+/// Handle signals for the life of the process. Returns only when a second
+/// stop signal arrives during the drain (the caller then exits at once).
+async fn signals(shutdown: CancellationToken, registry: prometheus::Registry) -> &'static str {
     #[cfg(unix)]
-    let received = {
+    {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => tokio::select! {
-                _ = term.recv() => "SIGTERM",
-                _ = tokio::signal::ctrl_c() => "SIGINT",
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops roomcast");
-                let _ = tokio::signal::ctrl_c().await;
-                "SIGINT"
+        let watch = |kind: SignalKind, name: &str| {
+            signal(kind)
+                .map_err(|e| tracing::warn!(error = %e, signal = name, "cannot watch signal"))
+                .ok()
+        };
+        let mut term = watch(SignalKind::terminate(), "SIGTERM");
+        let mut int = watch(SignalKind::interrupt(), "SIGINT");
+        let mut quit = watch(SignalKind::quit(), "SIGQUIT");
+        let mut hup = watch(SignalKind::hangup(), "SIGHUP");
+        let mut usr1 = watch(SignalKind::user_defined1(), "SIGUSR1");
+        async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
             }
         }
-    };
+        loop {
+            let stop = tokio::select! {
+                _ = next(&mut term) => "SIGTERM",
+                _ = next(&mut int) => "SIGINT",
+                _ = next(&mut quit) => "SIGQUIT",
+                _ = next(&mut hup) => {
+                    tracing::info!(signal = "SIGHUP", "ignored: roomcast keeps serving (send SIGTERM to drain and stop)");
+                    continue;
+                }
+                _ = next(&mut usr1) => {
+                    log_status(&registry);
+                    continue;
+                }
+            };
+            if shutdown.is_cancelled() {
+                return stop;
+            }
+            shutdown.cancel();
+            tracing::info!(
+                signal = stop,
+                "shutting down (a second signal exits at once)"
+            );
+        }
+    }
     #[cfg(not(unix))]
-    let received = {
+    {
         let _ = tokio::signal::ctrl_c().await;
-        "SIGINT"
+        shutdown.cancel();
+        tracing::info!(
+            signal = "ctrl-c",
+            "shutting down (a second one exits at once)"
+        );
+        let _ = tokio::signal::ctrl_c().await;
+        "ctrl-c"
+    }
+}
+
+/// One log line with the node's vital signs, read from its metrics.
+fn log_status(registry: &prometheus::Registry) {
+    let value = |name: &str| -> f64 {
+        registry
+            .gather()
+            .iter()
+            .find(|f| f.name() == name)
+            .and_then(|f| f.get_metric().first().map(|m| m.get_gauge().get_value()))
+            .unwrap_or(0.0)
     };
-    shutdown.cancel();
-    tracing::info!(signal = received, "shutting down");
+    tracing::info!(
+        signal = "SIGUSR1",
+        connections = value("roomcast_connections") as i64,
+        rooms = value("roomcast_rooms") as i64,
+        pending_connections = value("roomcast_pending_connections") as i64,
+        bus_up = value("roomcast_bus_up") == 1.0,
+        "status"
+    );
 }

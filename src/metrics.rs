@@ -4,10 +4,19 @@
 //! Hot-path counters are bumped once per message with the number of sockets
 //! written, not once per socket.
 
+use crate::protocol::ErrorCode;
+
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
 };
+
+/// `client_errors_total` codes of connections failed for a protocol error
+/// (besides the [`ErrorCode`]s of error frames).
+pub const PROTOCOL_CLOSES: [&str; 3] = ["protocol_error", "invalid_utf8", "message_too_big"];
+
+/// `messages_dropped_total` reasons.
+pub const DROP_REASONS: [&str; 3] = ["unavailable", "unconfirmed", "rate_limited"];
 
 pub struct Metrics {
     registry: Registry,
@@ -79,11 +88,17 @@ impl Metrics {
                 "roomcast_messages_in_total",
                 "Messages accepted from clients and published",
             )?,
-            messages_dropped: counter_vec(
-                "roomcast_messages_dropped_total",
-                "Raw-mode messages from clients that could not be published",
-                "reason",
-            )?,
+            messages_dropped: {
+                let c = counter_vec(
+                    "roomcast_messages_dropped_total",
+                    "Raw-mode messages from clients that could not be published",
+                    "reason",
+                )?;
+                for reason in DROP_REASONS {
+                    c.with_label_values(&[reason]);
+                }
+                c
+            },
             bus_published: counter(
                 "roomcast_bus_published_total",
                 "Messages published to the bus",
@@ -117,11 +132,18 @@ impl Metrics {
                 "roomcast_heartbeat_timeouts_total",
                 "Clients closed (4002) because they were silent past heartbeat.timeout",
             )?,
-            client_errors: counter_vec(
-                "roomcast_client_errors_total",
-                "Errors reported to clients, by code (error frames and protocol closes)",
-                "code",
-            )?,
+            client_errors: {
+                let c = counter_vec(
+                    "roomcast_client_errors_total",
+                    "Errors reported to clients, by code (error frames and protocol closes)",
+                    "code",
+                )?;
+                let codes = ErrorCode::ALL.iter().map(|c| c.as_str());
+                for code in codes.chain(PROTOCOL_CLOSES) {
+                    c.with_label_values(&[code]);
+                }
+                c
+            },
             bus_publish_seconds: histogram(
                 "roomcast_bus_publish_seconds",
                 "Time for the bus to take one publish: a batch of client messages (one Redis pipeline) or one HTTP publish",

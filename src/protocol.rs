@@ -111,6 +111,19 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, for metrics that must show each one from the start.
+    pub const ALL: [ErrorCode; 9] = [
+        ErrorCode::BadFrame,
+        ErrorCode::UnknownOp,
+        ErrorCode::BadRoom,
+        ErrorCode::NotJoined,
+        ErrorCode::TooManyRooms,
+        ErrorCode::RateLimited,
+        ErrorCode::Unavailable,
+        ErrorCode::Unconfirmed,
+        ErrorCode::BadRequest,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::BadFrame => "bad_frame",
@@ -393,11 +406,16 @@ pub struct Envelope<'a> {
     pub from: Cow<'a, str>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ts: Option<u64>,
-    #[serde(borrow)]
+    /// Absent means `null`, as for `POST /api/publish`.
+    #[serde(borrow, default = "null_data")]
     pub data: &'a RawValue,
     /// Set for raw-mode sends: `"text"` (data is the text) or `"binary"` (data is base64).
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
     pub raw: Option<Cow<'a, str>>,
+}
+
+fn null_data<'a>() -> &'a RawValue {
+    RawValue::NULL
 }
 
 /// Encode the envelope of a JSON-mode `send`.
@@ -671,12 +689,19 @@ mod tests {
     }
 
     #[test]
-    fn backend_envelopes_need_only_event_and_data() {
+    fn backend_envelopes_need_only_an_event_and_data_defaults_to_null() {
         let out = Outgoing::from_envelope("r", br#"{"event":"live","data":[1,2]}"#).unwrap();
         let v: serde_json::Value = serde_json::from_str(payload(&out.json)).unwrap();
         assert_eq!(v["event"], "live");
         assert_eq!(v["from"], "");
         assert!(Outgoing::from_envelope("r", b"not json").is_err());
-        assert!(Outgoing::from_envelope("r", br#"{"event":"x"}"#).is_err());
+        assert!(Outgoing::from_envelope("r", br#"{"data":1}"#).is_err());
+        // The same rule as POST /api/publish: no `data` is `null`.
+        let out = Outgoing::from_envelope("r", br#"{"event":"x"}"#).unwrap();
+        let v: serde_json::Value = serde_json::from_str(payload(&out.json)).unwrap();
+        assert_eq!(
+            (v["event"].as_str(), v.get("data")),
+            (Some("x"), Some(&serde_json::Value::Null))
+        );
     }
 }

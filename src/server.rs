@@ -132,6 +132,14 @@ pub async fn run(
     let background = TaskTracker::new();
     let stop = CancellationToken::new();
     let node_id = config.node_id();
+    match &config.bus {
+        crate::config::BusConfig::Memory { .. } => tracing::info!(
+            "bus: memory (single node: messages do not reach other nodes; set bus.kind = \"redis\" for several)"
+        ),
+        crate::config::BusConfig::Redis(r) => {
+            tracing::info!(url = %crate::config::redact_url(&r.url), "bus: redis")
+        }
+    }
     let bus = bus::start(
         &config.bus,
         &node_id,

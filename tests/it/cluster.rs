@@ -267,3 +267,21 @@ async fn a_burst_of_sends_is_acked_and_delivered_in_order_across_nodes() {
     let raw_expected: Vec<_> = (1..=N).map(|n| Some(format!("raw-{n}"))).collect();
     assert_eq!(raw_seen, raw_expected, "raw messages in order too");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_published_into_redis_without_data_arrives_with_data_null() {
+    let redis = Redis::start().await;
+    let node = Node::ready(redis_config(&redis, "a", &[])).await;
+    let (mut c, _) = Client::json(&node, &["r"]).await;
+    let receivers: i64 = redis
+        .cmd(&["PUBLISH", "roomcast:room:r", r#"{"event":"live"}"#])
+        .await;
+    assert_eq!(receivers, 1);
+    let got = c.recv_json().await;
+    assert_eq!(
+        (got["event"].as_str(), got.get("data")),
+        (Some("live"), Some(&json!(null))),
+        "{got}"
+    );
+    assert_eq!(node.metric("roomcast_bus_invalid_total").await, 0.0);
+}

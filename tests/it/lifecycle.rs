@@ -123,3 +123,123 @@ async fn start_binary(
     )
     .await
 }
+
+/// The binary with its stdout read line by line (stderr discarded).
+async fn start_logged(
+    env: &[(&str, &str)],
+) -> (
+    KillOnDrop,
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let (mut child, addr) = crate::util::start_binary(env, Stdio::piped).await;
+    drop(child.0.stderr.take());
+    let stdout = child.0.stdout.take().expect("piped stdout");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    (child, addr, rx)
+}
+
+/// Wait for a log line containing `needle`; returns it.
+async fn log_line(
+    lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    needle: &str,
+) -> String {
+    within(&format!("a log line with {needle:?}"), async {
+        loop {
+            let line = lines.recv().await.expect("the binary's output ended");
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_names_the_bus_and_has_no_colour_codes_when_not_a_terminal() {
+    let (_child, _addr, mut lines) = start_logged(&[("ROOMCAST__LOG__LEVEL", "info")]).await;
+    let line = log_line(&mut lines, "bus: memory").await;
+    assert!(line.contains("single node"), "{line}");
+    let line = log_line(&mut lines, "roomcast listening").await;
+    assert!(
+        !line.contains('\x1b'),
+        "ANSI escape in piped logs: {line:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_and_sigusr1_keep_the_node_serving_and_sigquit_drains_it() {
+    let (mut child, addr, mut lines) = start_logged(&[
+        ("ROOMCAST__LOG__LEVEL", "info"),
+        ("ROOMCAST__SHUTDOWN__DRAIN", "100ms"),
+    ])
+    .await;
+    log_line(&mut lines, "roomcast listening").await;
+    let mut c = Client::connect(&format!("ws://{addr}/ws?room=r")).await;
+    assert_eq!(c.recv_json().await["op"], "welcome");
+
+    child.signal("HUP");
+    log_line(&mut lines, "SIGHUP").await;
+    child.signal("USR1");
+    let status = log_line(&mut lines, "status").await;
+    assert!(status.contains("connections=1"), "{status}");
+    // Still alive, same client, still delivering.
+    assert!(
+        child.0.try_wait().expect("try_wait").is_none(),
+        "the node died"
+    );
+    let (ack, _) = c
+        .request(send_frame("r", "e", json!("after signals")), 1)
+        .await;
+    assert_eq!(ack["op"], "ack");
+
+    child.signal("QUIT");
+    assert_eq!(c.closed().await, 1012);
+    assert_eq!(
+        child
+            .exited("the binary to exit after SIGQUIT")
+            .await
+            .code(),
+        Some(0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_during_the_drain_exits_at_once() {
+    // A drain of a minute, with a client to drain.
+    let (mut child, addr, mut lines) = start_logged(&[
+        ("ROOMCAST__LOG__LEVEL", "info"),
+        ("ROOMCAST__SHUTDOWN__DRAIN", "60s"),
+    ])
+    .await;
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let mut c = Client::connect(&format!("ws://{addr}/ws?room=r")).await;
+        assert_eq!(c.recv_json().await["op"], "welcome");
+        clients.push(c);
+    }
+    child.signal("TERM");
+    log_line(&mut lines, "shutting down").await;
+    assert!(
+        child.0.try_wait().expect("try_wait").is_none(),
+        "still draining"
+    );
+    let started = std::time::Instant::now();
+    child.signal("TERM");
+    let exit = child
+        .exited("the binary to exit after a second SIGTERM")
+        .await;
+    assert_eq!(exit.code(), Some(130));
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+}

@@ -120,3 +120,58 @@ async fn health_and_readiness_answer_json() {
         json!({"status": "ready", "bus_up": true, "draining": false})
     );
 }
+
+#[tokio::test]
+async fn every_documented_label_value_is_exported_at_zero_before_its_first_event() {
+    let node = Node::start(config(&[])).await;
+    let (_, body) = node.get("/metrics").await;
+    let series: Vec<String> = [
+        "bad_frame",
+        "unknown_op",
+        "bad_room",
+        "not_joined",
+        "too_many_rooms",
+        "rate_limited",
+        "unavailable",
+        "unconfirmed",
+        "bad_request",
+        "protocol_error",
+        "invalid_utf8",
+        "message_too_big",
+    ]
+    .iter()
+    .map(|c| format!("roomcast_client_errors_total{{code=\"{c}\"}}"))
+    .chain(
+        ["unavailable", "unconfirmed", "rate_limited"]
+            .iter()
+            .map(|r| format!("roomcast_messages_dropped_total{{reason=\"{r}\"}}")),
+    )
+    .chain(
+        ["header_timeout", "handshake_timeout", "evicted"]
+            .iter()
+            .map(|r| format!("roomcast_handshakes_aborted_total{{reason=\"{r}\"}}")),
+    )
+    .collect();
+    for name in series {
+        assert_eq!(
+            metric_value(&body, &name),
+            Some(0.0),
+            "{name} missing or not 0 in:\n{body}"
+        );
+    }
+    // And each is documented in README.md's metrics table.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    for word in [
+        "unconfirmed",
+        "rate_limited",
+        "header_timeout",
+        "handshake_timeout",
+        "evicted",
+    ] {
+        assert!(
+            readme.contains(&format!("`{word}`")),
+            "README does not document {word}"
+        );
+    }
+}
