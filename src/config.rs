@@ -255,7 +255,11 @@ fn check_env_names(env: &[(String, String)]) -> Result<(), ConfigError> {
             .map(|rest| rest.to_ascii_lowercase().replace("__", "."));
         match key {
             Some(key) if known.contains(&key) => {}
-            _ => {
+            key => {
+                let which = key
+                    .filter(|k| !k.is_empty())
+                    .map(|k| format!("there is no key {k}; "))
+                    .unwrap_or_default();
                 let hint = name
                     .strip_prefix("ROOMCAST_")
                     .map(|rest| rest.trim_start_matches('_'))
@@ -271,7 +275,7 @@ fn check_env_names(env: &[(String, String)]) -> Result<(), ConfigError> {
                 return Err(ConfigError::Invalid {
                     key: name.clone(),
                     message: format!(
-                        "not a roomcast setting (variables are ROOMCAST__SECTION__KEY, with two underscores; keys are in config/default.toml){hint}"
+                        "not a roomcast setting ({which}variables are ROOMCAST__SECTION__KEY, with two underscores; keys are in config/default.toml){hint}"
                     ),
                 });
             }
