@@ -525,25 +525,7 @@ pub struct RawWs {
     pub buf: Vec<u8>,
 }
 
-/// A masked client frame.
-pub fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mask = [0x1b, 0x7e, 0xa2, 0x4c];
-    let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n <= 65535 => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    out
-}
+pub use roomcast::ws::client_frame;
 
 /// The upgrade request for `/ws?{query}`.
 pub fn upgrade_request(addr: SocketAddr, query: &str) -> String {
