@@ -55,6 +55,8 @@ MAX_STEPS=${MAX_STEPS:-12}
 SERVERS=${SERVERS:-roomcast node-ws}   # add uws (uWebSockets.js) and/or python-ws (single-process Python)
 NODES=${NODES:-1}                   # server processes per server kind, all on SERVER_CPU, one Redis
 ROOMCAST_PROTOCOLS=${ROOMCAST_PROTOCOLS:-json}   # e.g. "json raw"
+# Not for the servers started below (roomcast checks ROOMCAST_* variables).
+export -n ROOMCAST_PROTOCOLS
 SERVER_CPU=${SERVER_CPU:-0}         # core for Redis and the server under test
 BENCH_CPU=${BENCH_CPU:-1}           # core for the load generator
 SKIP_BUILD=${SKIP_BUILD:-0}

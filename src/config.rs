@@ -242,44 +242,48 @@ struct RawLog {
     level: String,
 }
 
-/// Every `ROOMCAST_…` variable must name a setting (`ROOMCAST__SECTION__KEY`):
-/// a typo must not leave a node silently running on defaults.
+/// A variable that looks meant for roomcast must name a setting
+/// (`ROOMCAST__SECTION__KEY`): a typo must not leave a node silently running
+/// on defaults. "Looks meant" is: it starts with `ROOMCAST__`, or it starts
+/// with `ROOMCAST_` and has a `__` in it, or it spells a setting with other
+/// underscores (`ROOMCAST_BUS_KIND`). Other `ROOMCAST_…` names (say a
+/// script's `ROOMCAST_BIN`) are not ours to judge.
 fn check_env_names(env: &[(String, String)]) -> Result<(), ConfigError> {
     let known = known_keys();
+    let squash = |s: &str| s.to_ascii_lowercase().replace(['_', '.'], "");
     for (name, _) in env {
-        if !name.starts_with("ROOMCAST_") {
+        let Some(rest) = name.strip_prefix("ROOMCAST_") else {
+            continue;
+        };
+        let exact = rest
+            .strip_prefix('_')
+            .map(|r| r.to_ascii_lowercase().replace("__", "."));
+        if exact.as_ref().is_some_and(|k| known.contains(k)) {
             continue;
         }
-        let key = name
-            .strip_prefix("ROOMCAST__")
-            .map(|rest| rest.to_ascii_lowercase().replace("__", "."));
-        match key {
-            Some(key) if known.contains(&key) => {}
-            key => {
-                let which = key
-                    .filter(|k| !k.is_empty())
-                    .map(|k| format!("there is no key {k}; "))
-                    .unwrap_or_default();
-                let hint = name
-                    .strip_prefix("ROOMCAST_")
-                    .map(|rest| rest.trim_start_matches('_'))
-                    .map(|rest| format!("ROOMCAST__{}", rest.to_ascii_uppercase()))
-                    .filter(|guess| {
-                        let k = guess["ROOMCAST__".len()..]
-                            .to_ascii_lowercase()
-                            .replace("__", ".");
-                        known.contains(&k)
-                    })
-                    .map(|guess| format!("; did you mean {guess}?"))
-                    .unwrap_or_default();
-                return Err(ConfigError::Invalid {
-                    key: name.clone(),
-                    message: format!(
-                        "not a roomcast setting ({which}variables are ROOMCAST__SECTION__KEY, with two underscores; keys are in config/default.toml){hint}"
-                    ),
-                });
-            }
+        // The setting it spells, ignoring how the underscores are placed.
+        let meant = known.iter().find(|k| squash(k) == squash(rest));
+        if exact.is_none() && !rest.contains("__") && meant.is_none() {
+            continue;
         }
+        let which = exact
+            .filter(|k| !k.is_empty())
+            .map(|k| format!("there is no key {k}; "))
+            .unwrap_or_default();
+        let hint = meant
+            .map(|k| {
+                format!(
+                    "; did you mean ROOMCAST__{}?",
+                    k.to_ascii_uppercase().replace('.', "__")
+                )
+            })
+            .unwrap_or_default();
+        return Err(ConfigError::Invalid {
+            key: name.clone(),
+            message: format!(
+                "not a roomcast setting ({which}variables are ROOMCAST__SECTION__KEY, with two underscores; keys are in config/default.toml){hint}"
+            ),
+        });
     }
     Ok(())
 }

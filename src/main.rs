@@ -35,7 +35,14 @@ const EXIT_INTERRUPTED: u8 = 130;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let config = match Config::load(args.config.as_deref(), std::env::vars()) {
+    // `vars_os`, not `vars`: a variable that is not UTF-8 must not panic here.
+    let env = std::env::vars_os().map(|(k, v)| {
+        (
+            k.to_string_lossy().into_owned(),
+            v.to_string_lossy().into_owned(),
+        )
+    });
+    let config = match Config::load(args.config.as_deref(), env) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("roomcast: invalid configuration: {e}");
@@ -56,7 +63,7 @@ fn main() -> ExitCode {
     // eprintln!, which panics when stderr is that same broken pipe.
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stdout().is_terminal())
+        .with_ansi(std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .log_internal_errors(false);
     if config.log.json {
         logs.json().init();

@@ -94,6 +94,11 @@ fn a_roomcast_variable_that_is_not_a_setting_is_an_error_naming_it() {
         ("ROOMCAST__BUS__KINDD", None),
         ("ROOMCAST__REDIS__URL", None), // section missing
         ("ROOMCAST__BUS", None),
+        ("ROOMCAST_NODE_ID", Some("ROOMCAST__NODE__ID")), // single underscores
+        (
+            "ROOMCAST_LIMITS__MAX_CONNECTIONS",
+            Some("ROOMCAST__LIMITS__MAX_CONNECTIONS"),
+        ),
     ] {
         let (code, stderr) = roomcast(&[(var, "redis")], &["--check-config"]);
         assert_eq!(code, 64, "{var}: {stderr}");
@@ -108,8 +113,15 @@ fn a_roomcast_variable_that_is_not_a_setting_is_an_error_naming_it() {
             );
         }
     }
-    // Other variables are none of our business.
-    assert_eq!(roomcast(&[("ROOMCASTLE", "x")], &["--check-config"]).0, 0);
+    // Other variables are none of our business, even ROOMCAST_ ones that
+    // cannot be meant as a setting (a script's ROOMCAST_BIN, say).
+    for other in ["ROOMCASTLE", "ROOMCAST_BIN", "ROOMCAST_PROTOCOLS"] {
+        assert_eq!(
+            roomcast(&[(other, "x")], &["--check-config"]).0,
+            0,
+            "{other}"
+        );
+    }
 }
 
 #[test]
