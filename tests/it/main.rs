@@ -8,6 +8,7 @@ mod canary;
 mod cluster;
 mod config;
 mod edge;
+mod frames;
 mod json;
 mod lb;
 mod lifecycle;
