@@ -1,5 +1,6 @@
-//! One WebSocket connection after the handshake: its read loop, the JSON and
-//! raw protocols, heartbeats, limits and the close handshake.
+//! One WebSocket connection after the handshake, as a socket: the task that
+//! pumps bytes both ways, reads frames, and runs the close handshake. What
+//! the client's messages mean is its [`Session`]'s business.
 //!
 //! A connection is one task. It sleeps until the socket is readable, bytes
 //! were queued for it (see `peer.rs`: normally the fan-out writes straight to
@@ -15,11 +16,12 @@ use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::gateway::{Admission, Gateway, Publish, Reply};
+use crate::gateway::{Admission, Gateway};
 use crate::hub::RoomPin;
-use crate::limit::TokenBucket;
 use crate::peer::Peer;
-use crate::protocol::{self, ErrorCode, Format, Rejection, Request};
+use crate::protocol::{self, Format};
+use crate::session::{NodeLink, Session};
+use crate::topic::Topic;
 use crate::ws::{self, close, FrameReader, Incoming};
 
 /// How long a closing connection may take to flush its close frame and get
@@ -43,7 +45,7 @@ pub struct Accepted {
     pub leftover: Bytes,
     pub format: Format,
     /// Rooms from the URL, already validated, deduplicated and pinned (subscribed).
-    pub rooms: Vec<(String, RoomPin)>,
+    pub rooms: Vec<(Topic, RoomPin)>,
 }
 
 /// Serve one connection until it closes.
@@ -58,12 +60,8 @@ pub fn serve(gw: Arc<Gateway>, accepted: Accepted) -> impl std::future::Future<O
 struct Conn {
     gw: Arc<Gateway>,
     peer: Arc<Peer>,
-    rooms: Vec<String>,
+    session: Session,
     reader: FrameReader,
-    /// Flood control on what this client publishes (`limits.messages_*`)…
-    messages: TokenBucket,
-    /// …and on its other requests (`limits.commands_*`).
-    commands: TokenBucket,
     /// The close handshake is complete (we replied to the client's close, or it answered ours).
     close_done: bool,
     started: Instant,
@@ -95,26 +93,22 @@ impl Conn {
             peer.send(&protocol::welcome_frame(&peer.id, &gw.node_id));
         }
         let mut rooms = Vec::with_capacity(accepted.rooms.len());
-        for (room, pin) in accepted.rooms {
-            gw.hub.join(&room, &peer);
+        for (topic, pin) in accepted.rooms {
+            gw.hub.join(&topic, &peer);
             drop(pin);
-            rooms.push(room);
+            rooms.push(topic);
         }
         let reader = FrameReader::new(
             gw.config.limits.max_message_bytes,
             gw.config.limits.read_buffer_bytes,
             accepted.leftover,
         );
-        let now = gw.hub.now_ms();
-        let messages = TokenBucket::new(gw.config.limits.messages, now);
-        let commands = TokenBucket::new(gw.config.limits.commands, now);
+        let session = Session::new(&gw.config.limits, gw.hub.now_ms(), rooms);
         Conn {
             gw,
             peer,
-            rooms,
+            session,
             reader,
-            messages,
-            commands,
             close_done: false,
             started: Instant::now(),
             _admission: accepted.admission,
@@ -133,8 +127,8 @@ impl Conn {
             let (gw, peer) = (&self.gw, &self.peer);
             // End the TCP connection now, even if a fan-out still holds the peer for a moment.
             let _ = socket2::SockRef::from(&peer.socket).shutdown(std::net::Shutdown::Both);
-            for room in &self.rooms {
-                gw.hub.leave(room, peer);
+            for topic in self.session.rooms() {
+                gw.hub.leave(topic, peer);
             }
             gw.hub.unregister(peer);
             gw.metrics
@@ -316,18 +310,18 @@ impl Conn {
             }
             return Flow::Continue;
         }
+        let link = NodeLink {
+            gw: &self.gw,
+            peer: &self.peer,
+        };
         match msg {
             Incoming::Text(text) => match self.peer.format {
-                Format::Json => self.handle_json(&text).await,
-                Format::Raw => self.publish_raw(&text, false).await,
+                Format::Json => self.session.json(&link, &text).await,
+                Format::Raw => self.session.raw(&link, &text, false).await,
             },
             Incoming::Binary(data) => match self.peer.format {
-                Format::Json => self.reject(Rejection::new(
-                    None,
-                    ErrorCode::BadFrame,
-                    "binary frames are not accepted in JSON mode",
-                )),
-                Format::Raw => self.publish_raw(&data, true).await,
+                Format::Json => self.session.binary_in_json(&link),
+                Format::Raw => self.session.raw(&link, &data, true).await,
             },
             Incoming::Ping(payload) => {
                 self.peer.send(&ws::pong_frame(&payload));
@@ -341,143 +335,6 @@ impl Conn {
             }
         }
         Flow::Continue
-    }
-
-    fn reject(&self, rejection: Rejection) {
-        self.gw
-            .metrics
-            .client_errors
-            .with_label_values(&[rejection.code.as_str()])
-            .inc();
-        self.peer.send(&protocol::error_frame(&rejection));
-    }
-
-    fn joined(&self, room: &str) -> bool {
-        self.rooms.iter().any(|r| r == room)
-    }
-
-    async fn handle_json(&mut self, text: &[u8]) {
-        // The frame reader has validated UTF-8 already.
-        let Ok(text) = std::str::from_utf8(text) else {
-            return self.reject(Rejection::new(
-                None,
-                ErrorCode::BadFrame,
-                "text is not UTF-8",
-            ));
-        };
-        let (id, request) = match protocol::parse_request(text) {
-            Ok(parsed) => parsed,
-            Err(rejection) => return self.reject(rejection),
-        };
-        let limits = &self.gw.config.limits;
-        let now = self.gw.hub.now_ms();
-        let limited = match request {
-            Request::Send { .. } => !self.messages.allow(limits.messages, now),
-            _ => !self.commands.allow(limits.commands, now),
-        };
-        if limited {
-            let (what, rate) = match request {
-                Request::Send { .. } => ("messages", limits.messages.per_second),
-                _ => ("requests", limits.commands.per_second),
-            };
-            return self.reject(Rejection::new(
-                id,
-                ErrorCode::RateLimited,
-                format!("more than {rate} {what} per second; slow down"),
-            ));
-        }
-        match request {
-            Request::Join { room } => {
-                if !self.joined(&room) {
-                    if self.rooms.len() >= limits.max_rooms_per_connection {
-                        return self.reject(Rejection::new(
-                            id,
-                            ErrorCode::TooManyRooms,
-                            format!(
-                                "a connection may join at most {} rooms",
-                                limits.max_rooms_per_connection
-                            ),
-                        ));
-                    }
-                    self.gw.hub.join(&room, &self.peer);
-                    // Ack only once this node receives the room's messages;
-                    // while the bus is down the join is undone and refused.
-                    if !self.gw.hub.sync().await {
-                        self.gw.hub.leave(&room, &self.peer);
-                        return self.reject(Rejection::new(
-                            id,
-                            ErrorCode::Unavailable,
-                            "the bus is down: not joined; retry later",
-                        ));
-                    }
-                    self.rooms.push(room.into_owned());
-                }
-                self.ack(id);
-            }
-            Request::Leave { room } => {
-                let Some(pos) = self.rooms.iter().position(|r| *r == room) else {
-                    return self.reject(Rejection::new(
-                        id,
-                        ErrorCode::NotJoined,
-                        format!("not in room {room:?}"),
-                    ));
-                };
-                self.rooms.swap_remove(pos);
-                self.gw.hub.leave(&room, &self.peer);
-                self.ack(id);
-            }
-            Request::Send { room, event, data } => {
-                if !self.joined(&room) {
-                    return self.reject(Rejection::new(
-                        id,
-                        ErrorCode::NotJoined,
-                        format!("join room {room:?} before sending to it"),
-                    ));
-                }
-                let envelope = protocol::json_envelope(&event, &self.peer.id, data);
-                self.gw
-                    .enqueue(Publish {
-                        room: room.into_owned(),
-                        envelope,
-                        peer: self.peer.clone(),
-                        reply: Reply::Ack(id),
-                    })
-                    .await;
-            }
-            Request::Ping => {
-                self.peer.send(&protocol::pong_frame(id));
-            }
-        }
-    }
-
-    fn ack(&self, id: Option<u64>) {
-        if let Some(id) = id {
-            self.peer.send(&protocol::ack_frame(id));
-        }
-    }
-
-    async fn publish_raw(&mut self, payload: &[u8], binary: bool) {
-        let Some(room) = self.rooms.first() else {
-            return;
-        };
-        let limits = &self.gw.config.limits;
-        if !self.messages.allow(limits.messages, self.gw.hub.now_ms()) {
-            self.gw
-                .metrics
-                .messages_dropped
-                .with_label_values(&["rate_limited"])
-                .inc();
-            return;
-        }
-        let envelope = protocol::raw_envelope(&self.peer.id, payload, binary);
-        self.gw
-            .enqueue(Publish {
-                room: room.clone(),
-                envelope,
-                peer: self.peer.clone(),
-                reply: Reply::Raw,
-            })
-            .await;
     }
 }
 
@@ -496,46 +353,3 @@ async fn discard_until_eof(socket: &TcpStream) {
         }
     }
 }
-
-/// Ping every client each `heartbeat.interval`; close those silent for
-/// longer than `heartbeat.timeout`. One task per node, not a timer per socket.
-///
-/// The work is spread over the interval in [`HEARTBEAT_SLICES`] slices (a
-/// client is in slice `seq % HEARTBEAT_SLICES`), yielding every few hundred
-/// clients, so pinging 100,000 sockets never stalls message fan-out.
-pub async fn heartbeats(gw: Arc<Gateway>, stop: tokio_util::sync::CancellationToken) {
-    let hb = gw.config.heartbeat.clone();
-    let period = hb.interval / HEARTBEAT_SLICES as u32;
-    let mut tick = tokio::time::interval_at(Instant::now() + period, period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let ping = ws::ping_frame();
-    let timeout_ms = hb.timeout.as_millis() as u64;
-    for slice in (0..HEARTBEAT_SLICES).cycle() {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let now = gw.hub.now_ms();
-        for (i, peer) in gw
-            .hub
-            .peers_where(|p| p.seq % HEARTBEAT_SLICES == slice)
-            .into_iter()
-            .enumerate()
-        {
-            if i % 256 == 255 {
-                tokio::task::yield_now().await;
-            }
-            if now.saturating_sub(peer.last_seen()) > timeout_ms {
-                if peer.closing().is_none() {
-                    gw.metrics.heartbeat_timeouts.inc();
-                    peer.close(close::HEARTBEAT_TIMEOUT, "heartbeat timeout", false);
-                }
-            } else {
-                peer.send(&ping);
-            }
-        }
-    }
-}
-
-/// Heartbeat work is split in this many slices per interval.
-const HEARTBEAT_SLICES: u64 = 16;

@@ -9,12 +9,13 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{Bus, BusError};
+use crate::bus::{Bus, BusError, PublishResult};
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::peer::Peer;
 use crate::protocol::{self, Rejection};
+use crate::topic::Topic;
 
 /// Client messages waiting for the publisher task, node-wide.
 const PUBLISH_QUEUE: usize = 8192;
@@ -23,7 +24,7 @@ const PUBLISH_BATCH: usize = 512;
 
 /// A message a client sent, on its way to the bus.
 pub struct Publish {
-    pub room: String,
+    pub topic: Topic,
     pub envelope: Bytes,
     pub peer: Arc<Peer>,
     pub reply: Reply,
@@ -126,9 +127,9 @@ impl Gateway {
     }
 
     /// Tell the client what became of its message, and count it.
-    fn settle(&self, peer: &Peer, reply: Reply, result: Result<(), BusError>) {
+    fn settle(&self, peer: &Peer, reply: Reply, result: PublishResult) {
         match (result, reply) {
-            (Ok(()), reply) => {
+            (Ok(_), reply) => {
                 self.metrics.messages_in.inc();
                 if let Reply::Ack(Some(id)) = reply {
                     peer.send(&protocol::ack_frame(id));
@@ -152,15 +153,17 @@ impl Gateway {
         }
     }
 
-    /// Publish an envelope to a room, timed and counted.
-    pub async fn publish(&self, room: &str, envelope: Bytes) -> Result<(), BusError> {
-        let mut results = self.publish_batch(&[(room.to_owned(), envelope)]).await;
-        results.pop().unwrap_or(Ok(()))
+    /// Publish an envelope to a topic, timed and counted.
+    pub async fn publish(&self, topic: Topic, envelope: Bytes) -> PublishResult {
+        let mut results = self.publish_batch(&[(topic, envelope)]).await;
+        results
+            .pop()
+            .unwrap_or_else(|| Err(BusError::Unavailable("the bus gave no answer".into())))
     }
 
-    /// Publish `(room, envelope)`s in order as one bus round trip, timed
+    /// Publish `(topic, envelope)`s in order as one bus round trip, timed
     /// (when anything got through) and counted.
-    async fn publish_batch(&self, items: &[(String, Bytes)]) -> Vec<Result<(), BusError>> {
+    async fn publish_batch(&self, items: &[(Topic, Bytes)]) -> Vec<PublishResult> {
         let started = Instant::now();
         let results = self.bus.publish_batch(items).await;
         let published = results.iter().filter(|r| r.is_ok()).count() as u64;
@@ -194,7 +197,7 @@ pub async fn run_publisher(
         }
         let (items, waiting): (Vec<_>, Vec<_>) = batch
             .drain(..)
-            .map(|p| ((p.room, p.envelope), (p.peer, p.reply)))
+            .map(|p| ((p.topic, p.envelope), (p.peer, p.reply)))
             .unzip();
         let results = gw.publish_batch(&items).await;
         for ((peer, reply), result) in waiting.into_iter().zip(results) {

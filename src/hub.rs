@@ -1,5 +1,9 @@
-//! Local rooms: which of this node's clients are in which room, and the
-//! fan-out of bus messages to them.
+//! Local topics: which of this node's clients are in which room (and which
+//! are which user's), and the fan-out of bus messages to them.
+//!
+//! Rooms and users are both [`Topic`]s here: a user's connections are the
+//! members of the user's topic, so a message to a user fans out like a
+//! message to a tiny room. Below, "room" means either.
 //!
 //! Invariants:
 //! - A room is subscribed on the bus exactly while it has local members or
@@ -19,22 +23,12 @@ use std::time::Instant;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::bus::{Deliver, SubCmd};
 use crate::members::{Keyed, Members};
 use crate::metrics::Metrics;
 use crate::peer::{Peer, Sent};
 use crate::protocol::Outgoing;
-
-/// A change to the set of rooms this node subscribes to, in the order it
-/// must be applied; or a barrier.
-#[derive(Debug)]
-pub enum SubCmd {
-    Subscribe(Arc<str>),
-    Unsubscribe(Arc<str>),
-    /// Answer `true` once every earlier command is in effect, `false` if the
-    /// bus is down (it will apply them when it reconnects, but messages
-    /// published meanwhile are not received).
-    Sync(oneshot::Sender<bool>),
-}
+use crate::topic::{Target, Topic};
 
 #[derive(Default)]
 struct Room {
@@ -44,7 +38,7 @@ struct Room {
 }
 
 pub struct Hub {
-    rooms: RwLock<HashMap<Arc<str>, Room>>,
+    rooms: RwLock<HashMap<Topic, Room>>,
     peers: Mutex<HashMap<u64, Arc<Peer>>>,
     subs: mpsc::UnboundedSender<SubCmd>,
     metrics: Arc<Metrics>,
@@ -54,12 +48,12 @@ pub struct Hub {
 /// Keeps a room subscribed until dropped (see [`Hub::pin`]).
 pub struct RoomPin {
     hub: Arc<Hub>,
-    room: Arc<str>,
+    topic: Topic,
 }
 
 impl Drop for RoomPin {
     fn drop(&mut self) {
-        self.hub.change(&self.room, |room| room.pins -= 1);
+        self.hub.change(&self.topic, |room| room.pins -= 1);
     }
 }
 
@@ -84,18 +78,18 @@ impl Hub {
 
     /// Apply `f` to a room (creating it if needed), drop it when it ends up
     /// empty, and tell the bus when its subscription must change.
-    fn change(&self, name: &str, f: impl FnOnce(&mut Room)) {
+    fn change(&self, topic: &Topic, f: impl FnOnce(&mut Room)) {
         let mut rooms = self.rooms.write();
-        let existed = rooms.contains_key(name);
-        let key: Arc<str> = match rooms.get_key_value(name) {
+        let existed = rooms.contains_key(topic);
+        let key = match rooms.get_key_value(topic) {
             Some((k, _)) => k.clone(),
-            None => Arc::from(name),
+            None => topic.clone(),
         };
         let room = rooms.entry(key.clone()).or_default();
         f(room);
         let empty = room.members.is_empty() && room.pins == 0;
         if empty {
-            rooms.remove(name);
+            rooms.remove(topic);
             if existed {
                 let _ = self.subs.send(SubCmd::Unsubscribe(key));
             }
@@ -107,25 +101,25 @@ impl Hub {
 
     /// Keep `room` subscribed until the pin is dropped: lets a connection's
     /// rooms be subscribed before its handshake completes.
-    pub fn pin(self: &Arc<Self>, room: &str) -> RoomPin {
-        self.change(room, |r| r.pins += 1);
+    pub fn pin(self: &Arc<Self>, topic: &Topic) -> RoomPin {
+        self.change(topic, |r| r.pins += 1);
         RoomPin {
             hub: self.clone(),
-            room: Arc::from(room),
+            topic: topic.clone(),
         }
     }
 
-    pub fn join(&self, room: &str, peer: &Arc<Peer>) {
-        self.change(room, |r| {
+    pub fn join(&self, topic: &Topic, peer: &Arc<Peer>) {
+        self.change(topic, |r| {
             r.members.insert(peer.clone());
         });
     }
 
-    pub fn leave(&self, room: &str, peer: &Peer) {
-        if !self.rooms.read().contains_key(room) {
+    pub fn leave(&self, topic: &Topic, peer: &Peer) {
+        if !self.rooms.read().contains_key(topic) {
             return;
         }
-        self.change(room, |r| {
+        self.change(topic, |r| {
             r.members.remove(peer.seq);
         });
     }
@@ -141,44 +135,22 @@ impl Hub {
         rx.await.unwrap_or(false)
     }
 
-    /// Deliver one bus payload to this node's clients in `room`.
-    pub fn deliver(&self, room: &str, payload: &[u8]) {
-        self.deliver_batch(&[(room, payload)]);
-    }
-
-    /// Deliver bus payloads that arrived together, in arrival order.
-    ///
-    /// Messages for the same room are framed once and concatenated into one
-    /// buffer, so each client gets a single write per room per batch instead
-    /// of one per message: a hot room costs fewer syscalls the hotter it gets.
-    /// Order within a room is kept; rooms are independent.
-    pub fn deliver_batch(&self, batch: &[(&str, &[u8])]) {
-        // Group by room, keeping arrival order inside each group.
-        let mut groups: Vec<(&str, Vec<&[u8]>)> = Vec::new();
-        for (room, payload) in batch {
-            match groups.iter_mut().find(|(r, _)| r == room) {
-                Some((_, payloads)) => payloads.push(payload),
-                None => groups.push((room, vec![payload])),
-            }
-        }
-        for (room, payloads) in groups {
-            self.deliver_room(room, &payloads);
-        }
-    }
-
-    fn deliver_room(&self, room: &str, payloads: &[&[u8]]) {
-        let members = match self.rooms.read().get(room) {
+    fn deliver_room(&self, key: &str, payloads: &[&[u8]]) {
+        let members = match self.rooms.read().get(key) {
             Some(r) if !r.members.is_empty() => r.members.snapshot(),
             _ => return,
+        };
+        let Some(target) = Target::of_key(key) else {
+            return;
         };
         self.metrics.bus_received.inc_by(payloads.len() as u64);
         let mut outgoing = Vec::with_capacity(payloads.len());
         for payload in payloads {
-            match Outgoing::from_envelope(room, payload) {
+            match Outgoing::from_envelope(target, payload) {
                 Ok(out) => outgoing.push(out),
                 Err(e) => {
                     self.metrics.bus_invalid.inc();
-                    tracing::warn!(room, error = %e, "dropping invalid bus payload");
+                    tracing::warn!(topic = key, error = %e, "dropping invalid bus payload");
                 }
             }
         }
@@ -222,6 +194,28 @@ impl Hub {
             .filter(|p| pick(p))
             .cloned()
             .collect()
+    }
+}
+
+impl Deliver for Hub {
+    /// Deliver bus payloads that arrived together, in arrival order.
+    ///
+    /// Messages for the same room are framed once and concatenated into one
+    /// buffer, so each client gets a single write per room per batch instead
+    /// of one per message: a hot room costs fewer syscalls the hotter it gets.
+    /// Order within a room is kept; rooms are independent.
+    fn deliver_batch(&self, batch: &[(&str, &[u8])]) {
+        // Group by room, keeping arrival order inside each group.
+        let mut groups: Vec<(&str, Vec<&[u8]>)> = Vec::new();
+        for (room, payload) in batch {
+            match groups.iter_mut().find(|(r, _)| r == room) {
+                Some((_, payloads)) => payloads.push(payload),
+                None => groups.push((room, vec![payload])),
+            }
+        }
+        for (room, payloads) in groups {
+            self.deliver_room(room, &payloads);
+        }
     }
 }
 

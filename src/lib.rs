@@ -7,35 +7,57 @@
 //! clients, encoded once.
 //!
 //! The map of the crate, from the edge inwards:
-//! - [`listener`]: accept loops and what a connection may cost before it is
+//! - `listener`: accept loops and what a connection may cost before it is
 //!   a WebSocket (timeouts, the pending cap, the open-file budget).
 //! - [`server`]: HTTP routes (`/ws`, `/metrics`, `/healthz`, `/readyz`,
 //!   `/api/publish`) on the public and internal listeners, the WebSocket
-//!   upgrade, graceful shutdown.
-//! - [`conn`]: one connection: read loop, JSON and raw protocols, heartbeats.
-//! - [`peer`]: a client as the node sees it: the direct, non-blocking write
-//!   path and the bounded per-client queue.
+//!   upgrade, graceful shutdown. Authentication at the upgrade and API keys
+//!   go here, next to the routes they guard (a module `auth` of their own).
+//! - `conn`: one connection as a socket: the task that pumps bytes, reads
+//!   frames and runs the close handshake.
+//! - `session`: one connection as a client: its rooms, limits and
+//!   identity, and one file per operation (`join`, `leave`, `send`, `ping`,
+//!   `raw`; messages to users and token refresh go beside them). Acts on the
+//!   node through a `Link`, so it is tested without a socket.
+//! - `heartbeat`: the node-wide task that pings clients and closes silent ones.
+//! - `peer`: a client as the fan-out sees it: the direct, non-blocking
+//!   write path and the bounded per-client queue.
 //! - [`ws`]: WebSocket framing: client frames in, pre-built server frames out.
-//! - [`protocol`]: wire frames and the bus envelope (no I/O).
-//! - [`hub`]: local rooms, subscription changes, fan-out; [`members`]: one
-//!   room's member list.
-//! - [`bus`]: trait [`bus::Bus`] with the `memory` and `redis` backends.
-//! - [`gateway`]: the state one node shares between all of the above, and
+//! - [`protocol`]: wire frames, validation and the bus envelope (no I/O);
+//!   [`error`]: every refusal's code, HTTP status and message.
+//! - [`topic`]: a room or a user, and the bus channel it is.
+//! - `hub`: local topics (rooms and users), subscription changes, fan-out;
+//!   `members`: one topic's member list. A user's connections are the
+//!   members of the user's topic. Presence (online counts) reads the hub's
+//!   counts and reports them through the bus's Redis (a module `presence`).
+//! - `bus`: trait `Bus` with the `memory` and `redis` backends; it
+//!   delivers to a `Deliver` (the hub). History (sequence numbers,
+//!   recovery) is a bus concern: its Redis scripts go beside `redis`.
+//! - `gateway`: the state one node shares between all of the above, and
 //!   the publisher task that sends client messages to the bus in batches.
-//! - [`config`], [`metrics`]: settings and Prometheus metrics.
+//! - [`config`], `metrics`, `limit`: settings, Prometheus metrics,
+//!   token buckets.
+//!
+//! Public, for the binary, the benchmark tool, tests and fuzz targets:
+//! [`config`], [`server`], [`protocol`], [`error`], [`topic`], [`ws`];
+//! everything else is internal to the crate.
 
-pub mod bus;
+pub(crate) mod bus;
 pub mod config;
-pub mod conn;
-pub mod gateway;
-pub mod hub;
-pub mod limit;
-pub mod listener;
-pub mod members;
-pub mod metrics;
-pub mod peer;
+pub(crate) mod conn;
+pub mod error;
+pub(crate) mod gateway;
+pub(crate) mod heartbeat;
+pub(crate) mod hub;
+pub(crate) mod limit;
+pub(crate) mod listener;
+pub(crate) mod members;
+pub(crate) mod metrics;
+pub(crate) mod peer;
 pub mod protocol;
 pub mod server;
+pub(crate) mod session;
+pub mod topic;
 pub mod ws;
 
 pub use config::Config;

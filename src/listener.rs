@@ -141,12 +141,9 @@ impl Pending {
         )
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.inner.lock().open.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -302,6 +299,6 @@ mod tests {
         assert_eq!(pending.len(), 2);
         drop(b);
         drop(c);
-        assert!(pending.is_empty());
+        assert_eq!(pending.len(), 0);
     }
 }

@@ -4,7 +4,7 @@
 //! Hot-path counters are bumped once per message with the number of sockets
 //! written, not once per socket.
 
-use crate::protocol::ErrorCode;
+use crate::error::ErrorCode;
 
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
@@ -138,7 +138,7 @@ impl Metrics {
                     "Errors reported to clients, by code (error frames and protocol closes)",
                     "code",
                 )?;
-                let codes = ErrorCode::ALL.iter().map(|c| c.as_str());
+                let codes = ErrorCode::CLIENT_ERRORS.iter().map(|c| c.as_str());
                 for code in codes.chain(PROTOCOL_CLOSES) {
                     c.with_label_values(&[code]);
                 }

@@ -15,6 +15,7 @@ use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use crate::topic::Target;
 use crate::ws;
 
 /// Longest room name, in bytes.
@@ -95,65 +96,40 @@ pub enum Format {
     Raw,
 }
 
-/// The stable error codes of `{"op":"error"}` frames (and HTTP error bodies).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorCode {
-    BadFrame,
-    UnknownOp,
-    BadRoom,
-    NotJoined,
-    TooManyRooms,
-    RateLimited,
-    Unavailable,
-    Unconfirmed,
-    /// HTTP only: a malformed upgrade or API request.
-    BadRequest,
-}
+pub use crate::error::{ErrorCode, Rejection};
 
-impl ErrorCode {
-    /// Every code, for metrics that must show each one from the start.
-    pub const ALL: [ErrorCode; 9] = [
-        ErrorCode::BadFrame,
-        ErrorCode::UnknownOp,
-        ErrorCode::BadRoom,
-        ErrorCode::NotJoined,
-        ErrorCode::TooManyRooms,
-        ErrorCode::RateLimited,
-        ErrorCode::Unavailable,
-        ErrorCode::Unconfirmed,
-        ErrorCode::BadRequest,
-    ];
+/// What room names may be, for error messages.
+const ROOM_RULE: &str = "room names are 1-128 characters of A-Z a-z 0-9 _ - . : @";
 
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::BadFrame => "bad_frame",
-            ErrorCode::UnknownOp => "unknown_op",
-            ErrorCode::BadRoom => "bad_room",
-            ErrorCode::NotJoined => "not_joined",
-            ErrorCode::TooManyRooms => "too_many_rooms",
-            ErrorCode::RateLimited => "rate_limited",
-            ErrorCode::Unavailable => "unavailable",
-            ErrorCode::Unconfirmed => "unconfirmed",
-            ErrorCode::BadRequest => "bad_request",
-        }
+/// A room name fit to join or publish to (`bad_room` otherwise).
+pub fn check_room(room: &str) -> Result<(), Rejection> {
+    match valid_room(room) {
+        true => Ok(()),
+        false => Err(Rejection::new(None, ErrorCode::BadRoom, ROOM_RULE)),
     }
 }
 
-/// A rejected client frame: the code, a human message, and the frame's id if it had one.
-#[derive(Debug)]
-pub struct Rejection {
-    pub id: Option<u64>,
-    pub code: ErrorCode,
-    pub message: String,
+/// An event name of 1–[`MAX_EVENT_LEN`] bytes (`bad_frame` otherwise).
+pub fn check_event(event: &str) -> Result<(), Rejection> {
+    match !event.is_empty() && event.len() <= MAX_EVENT_LEN {
+        true => Ok(()),
+        false => Err(Rejection::new(
+            None,
+            ErrorCode::BadFrame,
+            "`event` must be 1-128 bytes",
+        )),
+    }
 }
 
-impl Rejection {
-    pub fn new(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> Self {
-        Rejection {
-            id,
-            code,
-            message: message.into(),
-        }
+/// Message data nested at most [`MAX_JSON_DEPTH`] deep (`bad_frame` otherwise).
+pub fn check_data(data: &RawValue) -> Result<(), Rejection> {
+    match json_depth_within(data.get(), MAX_JSON_DEPTH) {
+        true => Ok(()),
+        false => Err(Rejection::new(
+            None,
+            ErrorCode::BadFrame,
+            format!("`data` nests deeper than {MAX_JSON_DEPTH} levels"),
+        )),
     }
 }
 
@@ -191,7 +167,7 @@ pub enum Request<'a> {
 
 /// Parse and check one JSON text frame. Room names are validated here;
 /// membership and limits are the connection's business.
-pub fn parse_request(text: &str) -> Result<(Option<u64>, Request<'_>), Rejection> {
+pub fn parse_request<'a>(text: &'a str) -> Result<(Option<u64>, Request<'a>), Rejection> {
     if !text.trim_start().starts_with('{') {
         return Err(Rejection::new(
             None,
@@ -211,22 +187,12 @@ pub fn parse_request(text: &str) -> Result<(Option<u64>, Request<'_>), Rejection
     let op = frame
         .op
         .ok_or_else(|| Rejection::new(id, ErrorCode::BadFrame, "missing field `op`"))?;
-    fn checked_room(
-        id: Option<u64>,
-        room: Option<Cow<'_, str>>,
-    ) -> Result<Cow<'_, str>, Rejection> {
+    let room = |room: Option<Cow<'a, str>>| -> Result<Cow<'a, str>, Rejection> {
         let room =
             room.ok_or_else(|| Rejection::new(id, ErrorCode::BadFrame, "missing field `room`"))?;
-        if !valid_room(&room) {
-            return Err(Rejection::new(
-                id,
-                ErrorCode::BadRoom,
-                "room names are 1-128 characters of A-Z a-z 0-9 _ - . : @",
-            ));
-        }
+        check_room(&room).map_err(|r| r.with_id(id))?;
         Ok(room)
-    }
-    let room = |room| checked_room(id, room);
+    };
     let request = match op.as_ref() {
         "join" => Request::Join {
             room: room(frame.room)?,
@@ -239,21 +205,9 @@ pub fn parse_request(text: &str) -> Result<(Option<u64>, Request<'_>), Rejection
             let event = frame
                 .event
                 .ok_or_else(|| Rejection::new(id, ErrorCode::BadFrame, "missing field `event`"))?;
-            if event.is_empty() || event.len() > MAX_EVENT_LEN {
-                return Err(Rejection::new(
-                    id,
-                    ErrorCode::BadFrame,
-                    "`event` must be 1-128 bytes",
-                ));
-            }
+            check_event(&event).map_err(|r| r.with_id(id))?;
             let data = frame.data.unwrap_or(RawValue::NULL);
-            if !json_depth_within(data.get(), MAX_JSON_DEPTH) {
-                return Err(Rejection::new(
-                    id,
-                    ErrorCode::BadFrame,
-                    format!("`data` nests deeper than {MAX_JSON_DEPTH} levels"),
-                ));
-            }
+            check_data(data).map_err(|r| r.with_id(id))?;
             Request::Send { room, event, data }
         }
         "ping" => Request::Ping,
@@ -285,13 +239,7 @@ pub fn parse_ws_query(query: &str, max_rooms: usize) -> Result<WsQuery, Rejectio
     for (key, value) in form_urlencoded::parse(query.as_bytes()) {
         match key.as_ref() {
             "room" => {
-                if !valid_room(&value) {
-                    return Err(Rejection::new(
-                        None,
-                        ErrorCode::BadRoom,
-                        "room names are 1-128 characters of A-Z a-z 0-9 _ - . : @",
-                    ));
-                }
+                check_room(&value)?;
                 if !rooms.iter().any(|r| *r == value) {
                     if rooms.len() == max_rooms {
                         return Err(Rejection::new(
@@ -473,12 +421,17 @@ pub enum EnvelopeError {
 }
 
 impl Outgoing {
-    pub fn from_envelope(room: &str, payload: &[u8]) -> Result<Outgoing, EnvelopeError> {
+    /// The frames of one bus payload for `target` (the channel it arrived
+    /// on): a `msg` with `room` for a room, with `to` for a user.
+    pub fn from_envelope(target: Target<'_>, payload: &[u8]) -> Result<Outgoing, EnvelopeError> {
         let env: Envelope = serde_json::from_slice(payload)?;
         #[derive(Serialize)]
         struct Msg<'a> {
             op: &'static str,
-            room: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            room: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            to: Option<&'a str>,
             event: &'a str,
             from: &'a str,
             ts: u64,
@@ -486,6 +439,10 @@ impl Outgoing {
             #[serde(skip_serializing_if = "std::ops::Not::not")]
             binary: bool,
         }
+        let (room, to) = match target {
+            Target::Room(room) => (Some(room), None),
+            Target::User(user) => (None, Some(user)),
+        };
         let binary = match env.raw.as_deref() {
             None | Some("text") => false,
             Some("binary") => true,
@@ -494,6 +451,7 @@ impl Outgoing {
         let msg = serde_json::to_vec(&Msg {
             op: "msg",
             room,
+            to,
             event: &env.event,
             from: &env.from,
             ts: env.ts.unwrap_or_else(now_ms),
@@ -649,7 +607,7 @@ mod tests {
     fn json_send_reaches_json_and_raw_clients_as_the_msg_frame() {
         let data = serde_json::value::to_raw_value(&serde_json::json!({"t": "hi"})).unwrap();
         let env = json_envelope("danmaku", "c1", &data);
-        let out = Outgoing::from_envelope("r1", &env).unwrap();
+        let out = Outgoing::from_envelope(Target::Room("r1"), &env).unwrap();
         let v: serde_json::Value = serde_json::from_str(payload(&out.json)).unwrap();
         assert_eq!(v["op"], "msg");
         assert_eq!(v["room"], "r1");
@@ -662,15 +620,19 @@ mod tests {
 
     #[test]
     fn raw_sends_round_trip_byte_for_byte() {
-        let out = Outgoing::from_envelope("r", &raw_envelope("c", "héllo \"q\"".as_bytes(), false))
-            .unwrap();
+        let out = Outgoing::from_envelope(
+            Target::Room("r"),
+            &raw_envelope("c", "héllo \"q\"".as_bytes(), false),
+        )
+        .unwrap();
         assert_eq!(payload(&out.raw), "héllo \"q\"");
         let v: serde_json::Value = serde_json::from_str(payload(&out.json)).unwrap();
         assert_eq!(v["data"], "héllo \"q\"");
         assert_eq!(v["event"], "message");
 
         let bin = [0u8, 159, 146, 150, 255];
-        let out = Outgoing::from_envelope("r", &raw_envelope("c", &bin, true)).unwrap();
+        let out =
+            Outgoing::from_envelope(Target::Room("r"), &raw_envelope("c", &bin, true)).unwrap();
         let (opcode, body) = ws::split_server_frame(&out.raw).unwrap();
         assert_eq!(opcode, ws::OPCODE_BINARY);
         assert_eq!(body, bin);
@@ -680,8 +642,9 @@ mod tests {
 
     #[test]
     fn concatenated_messages_are_the_frames_back_to_back() {
-        let a = Outgoing::from_envelope("r", &raw_envelope("c", b"one", false)).unwrap();
-        let b = Outgoing::from_envelope("r", br#"{"event":"e","data":2}"#).unwrap();
+        let a =
+            Outgoing::from_envelope(Target::Room("r"), &raw_envelope("c", b"one", false)).unwrap();
+        let b = Outgoing::from_envelope(Target::Room("r"), br#"{"event":"e","data":2}"#).unwrap();
         let both = Outgoing::concat(&[a.clone(), b.clone()]).unwrap();
         assert_eq!(both.json, [&a.json[..], &b.json[..]].concat());
         assert_eq!(both.raw, [&a.raw[..], &b.raw[..]].concat());
@@ -690,14 +653,15 @@ mod tests {
 
     #[test]
     fn backend_envelopes_need_only_an_event_and_data_defaults_to_null() {
-        let out = Outgoing::from_envelope("r", br#"{"event":"live","data":[1,2]}"#).unwrap();
+        let out = Outgoing::from_envelope(Target::Room("r"), br#"{"event":"live","data":[1,2]}"#)
+            .unwrap();
         let v: serde_json::Value = serde_json::from_str(payload(&out.json)).unwrap();
         assert_eq!(v["event"], "live");
         assert_eq!(v["from"], "");
-        assert!(Outgoing::from_envelope("r", b"not json").is_err());
-        assert!(Outgoing::from_envelope("r", br#"{"data":1}"#).is_err());
+        assert!(Outgoing::from_envelope(Target::Room("r"), b"not json").is_err());
+        assert!(Outgoing::from_envelope(Target::Room("r"), br#"{"data":1}"#).is_err());
         // The same rule as POST /api/publish: no `data` is `null`.
-        let out = Outgoing::from_envelope("r", br#"{"event":"x"}"#).unwrap();
+        let out = Outgoing::from_envelope(Target::Room("r"), br#"{"event":"x"}"#).unwrap();
         let v: serde_json::Value = serde_json::from_str(payload(&out.json)).unwrap();
         assert_eq!(
             (v["event"].as_str(), v.get("data")),

@@ -1,5 +1,5 @@
 //! The node: HTTP routes, the WebSocket upgrade, and graceful shutdown
-//! (accepting connections is [`crate::listener`]'s).
+//! (accepting connections is `listener.rs`'s).
 //!
 //! Routes: `GET /ws` (WebSocket), `GET /metrics`, `GET /healthz`,
 //! `GET /readyz`, `POST /api/publish`. With `server.internal_listen` set,
@@ -28,16 +28,17 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bus::BusError;
 use crate::config::Config;
 use crate::conn::{self, Accepted, CLOSE_GRACE};
+use crate::error::{ErrorCode, Rejection};
 use crate::gateway::{self, Gateway};
 use crate::hub::Hub;
 use crate::listener::{self, Edge};
 use crate::metrics::Metrics;
 use crate::protocol;
+use crate::topic::Topic;
 use crate::ws::close;
-use crate::{bus, protocol::valid_room};
+use crate::{bus, heartbeat};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -151,7 +152,7 @@ pub async fn run(
     );
     let (gw, publishes) = Gateway::new(config, node_id, hub, bus, metrics);
     let gw = Arc::new(gw);
-    background.spawn(conn::heartbeats(gw.clone(), stop.clone()));
+    background.spawn(heartbeat::run(gw.clone(), stop.clone()));
     background.spawn(gateway::run_publisher(gw.clone(), publishes, stop.clone()));
     let addr_of = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(
@@ -238,8 +239,14 @@ fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
     resp
 }
 
-fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
-    json_response(status, protocol::http_error_body(code, message))
+/// An HTTP refusal: the code's status, and the JSON error body.
+fn refuse(code: ErrorCode, message: &str) -> Response<Body> {
+    let status = StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::BAD_REQUEST);
+    json_response(status, protocol::http_error_body(code.as_str(), message))
+}
+
+fn refuse_with(rejection: &Rejection) -> Response<Body> {
+    refuse(rejection.code, &rejection.message)
 }
 
 /// Answer one request on a listener of `edge.role`.
@@ -247,9 +254,8 @@ pub(crate) async fn route(edge: &Edge, req: Request<Incoming>) -> Response<Body>
     let gw = edge.gw.clone();
     let path = req.uri().path();
     if !edge.role.serves(path) {
-        return error(
-            StatusCode::NOT_FOUND,
-            "not_found",
+        return refuse(
+            ErrorCode::NotFound,
             if path == "/ws" {
                 "WebSocket clients connect on server.listen"
             } else {
@@ -282,12 +288,10 @@ pub(crate) async fn route(edge: &Edge, req: Request<Incoming>) -> Response<Body>
             json_response(status, body.to_string().into_bytes())
         }
         (&Method::POST, "/api/publish") => publish(gw, req).await,
-        (_, "/ws" | "/metrics" | "/healthz" | "/readyz" | "/api/publish") => error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "method not allowed",
-        ),
-        _ => error(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
+        (_, "/ws" | "/metrics" | "/healthz" | "/readyz" | "/api/publish") => {
+            refuse(ErrorCode::MethodNotAllowed, "method not allowed")
+        }
+        _ => refuse(ErrorCode::NotFound, "no such endpoint"),
     }
 }
 
@@ -313,24 +317,18 @@ async fn upgrade(
     mut req: Request<Incoming>,
 ) -> Response<Body> {
     if gw.draining.load(Ordering::Acquire) {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
-            "this node is shutting down",
-        );
+        return refuse(ErrorCode::ShuttingDown, "this node is shutting down");
     }
     let Some(admission) = gw.admit() else {
         let max = gw.config.limits.max_connections;
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too_many_connections",
+        return refuse(
+            ErrorCode::TooManyConnections,
             &format!("this node holds its maximum of {max} connections"),
         );
     };
     if req.version() != hyper::Version::HTTP_11 {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
+        return refuse(
+            ErrorCode::BadRequest,
             "a WebSocket handshake needs HTTP/1.1",
         );
     }
@@ -340,16 +338,14 @@ async fn upgrade(
         header_has(&req, header::UPGRADE, "websocket"),
         header_has(&req, header::CONNECTION, "upgrade"),
     ) else {
-        return error(
-            StatusCode::UPGRADE_REQUIRED,
-            "not_websocket",
+        return refuse(
+            ErrorCode::NotWebsocket,
             "this endpoint speaks WebSocket only",
         );
     };
     if !valid_ws_key(key.as_bytes()) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
+        return refuse(
+            ErrorCode::BadRequest,
             "Sec-WebSocket-Key must be 16 bytes in base64",
         );
     }
@@ -359,29 +355,28 @@ async fn upgrade(
         .map(|v| v.as_bytes())
         != Some(b"13")
     {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "Sec-WebSocket-Version must be 13",
-        );
+        return refuse(ErrorCode::BadRequest, "Sec-WebSocket-Version must be 13");
     }
     let max_rooms = gw.config.limits.max_rooms_per_connection;
     let (format, rooms) = match protocol::parse_ws_query(req.uri().query().unwrap_or(""), max_rooms)
     {
         Ok(q) => (q.format, q.rooms),
-        Err(r) => return error(StatusCode::BAD_REQUEST, r.code.as_str(), &r.message),
+        Err(r) => return refuse_with(&r),
     };
     // Subscribe the rooms before answering, so the client receives every
     // message published after it sees the handshake complete.
     let rooms: Vec<_> = rooms
         .into_iter()
-        .map(|r| (r.clone(), gw.hub.pin(&r)))
+        .map(|r| {
+            let topic = Topic::room(&r);
+            let pin = gw.hub.pin(&topic);
+            (topic, pin)
+        })
         .collect();
     if !rooms.is_empty() && !gw.hub.sync().await {
         // Dropping the pins undoes the subscriptions.
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
+        return refuse(
+            ErrorCode::Unavailable,
             "the bus is down: the rooms cannot be joined now; retry (another node may take you)",
         );
     }
@@ -440,9 +435,8 @@ fn is_json(req: &Request<Incoming>) -> bool {
 /// `POST /api/publish` with `{"room":…,"event":…,"data":…}`: publish from a backend.
 async fn publish(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
     if !is_json(&req) {
-        return error(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
+        return refuse(
+            ErrorCode::UnsupportedMediaType,
             "Content-Type must be application/json",
         );
     }
@@ -451,16 +445,14 @@ async fn publish(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
     let body = match tokio::time::timeout(gw.config.server.body_timeout, collect).await {
         Ok(Ok(body)) => body.to_bytes(),
         Ok(Err(_)) => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_big",
+            return refuse(
+                ErrorCode::TooBig,
                 &format!("body larger than {limit} bytes or unreadable"),
             )
         }
         Err(_) => {
-            return error(
-                StatusCode::REQUEST_TIMEOUT,
-                "timeout",
+            return refuse(
+                ErrorCode::Timeout,
                 "the body did not arrive within server.body_timeout",
             )
         }
@@ -477,48 +469,22 @@ async fn publish(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
     let parsed: PublishBody = match serde_json::from_slice(&body) {
         Ok(p) => p,
         Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_frame",
+            return refuse(
+                ErrorCode::BadFrame,
                 &format!("expected {{\"room\",\"event\",\"data\"}}: {e}"),
             )
         }
     };
-    if !valid_room(&parsed.room) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "bad_room",
-            "room names are 1-128 characters of A-Z a-z 0-9 _ - . : @",
-        );
-    }
-    if parsed.event.is_empty() || parsed.event.len() > protocol::MAX_EVENT_LEN {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "bad_frame",
-            "`event` must be 1-128 bytes",
-        );
-    }
     let data = parsed.data.unwrap_or(serde_json::value::RawValue::NULL);
-    if !protocol::json_depth_within(data.get(), protocol::MAX_JSON_DEPTH) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "bad_frame",
-            &format!(
-                "`data` nests deeper than {} levels",
-                protocol::MAX_JSON_DEPTH
-            ),
-        );
+    let checked = protocol::check_room(&parsed.room)
+        .and_then(|()| protocol::check_event(&parsed.event))
+        .and_then(|()| protocol::check_data(data));
+    if let Err(r) = checked {
+        return refuse_with(&r);
     }
     let envelope = protocol::json_envelope(&parsed.event, "", data);
-    match gw.publish(&parsed.room, envelope).await {
-        Ok(()) => json_response(StatusCode::OK, br#"{"ok":true}"#.to_vec()),
-        Err(e) => error(
-            match e {
-                BusError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-                BusError::Unconfirmed(_) => StatusCode::GATEWAY_TIMEOUT,
-            },
-            e.code().as_str(),
-            &e.to_string(),
-        ),
+    match gw.publish(Topic::room(&parsed.room), envelope).await {
+        Ok(_) => json_response(StatusCode::OK, br#"{"ok":true}"#.to_vec()),
+        Err(e) => refuse(e.code(), &e.to_string()),
     }
 }

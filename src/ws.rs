@@ -78,7 +78,9 @@ pub fn pong_frame(payload: &[u8]) -> Bytes {
     server_frame(OPCODE_PONG, payload)
 }
 
-/// Split a frame built by [`server_frame`] into (opcode, payload). For tests and tools.
+/// Split a frame built by [`server_frame`] into (opcode, payload). For
+/// tests and fuzz targets only, as [`client_frame`] is.
+#[doc(hidden)]
 pub fn split_server_frame(frame: &[u8]) -> Option<(u8, &[u8])> {
     let mut cursor = Cursor::new(frame);
     let (header, len) = FrameHeader::parse(&mut cursor).ok()??;
@@ -130,8 +132,8 @@ impl FrameError {
 /// the current frame plus one read chunk (and a few header bytes), and
 /// `partial` at most `max_message` bytes; the payload of a fragment goes
 /// into `partial` as it arrives, so the two never both hold a large frame,
-/// and neither grows by doubling past what it needs ([`reserve_exact`],
-/// [`append_within`]). After the first error the reader is *failed*: it
+/// and neither grows by doubling past what it needs (`reserve_exact`,
+/// `append_within`). After the first error the reader is *failed*: it
 /// parses nothing more, and everything read into it afterwards is
 /// discarded, so a client that keeps streaming after its error costs one
 /// read chunk, never more.

@@ -14,6 +14,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use roomcast::protocol::{valid_room, Outgoing};
+use roomcast::topic::Target;
 use roomcast::ws;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -78,7 +79,7 @@ fuzz_target!(|data: &[u8]| {
         .map(|i| ROOM_CHARS[(i * 7 + *r as usize) % ROOM_CHARS.len()] as char)
         .collect();
     assert!(valid_room(&room));
-    let Ok(out) = Outgoing::from_envelope(&room, payload) else {
+    let Ok(out) = Outgoing::from_envelope(Target::Room(&room), payload) else {
         return;
     };
     let (opcode, json) = strict_frame(&out.json);

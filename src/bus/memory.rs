@@ -11,32 +11,36 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Bus, BusError};
-use crate::hub::{Hub, SubCmd};
+use super::{Bus, BusError, Deliver, PublishResult, Published, SubCmd};
 use crate::metrics::Metrics;
+use crate::topic::Topic;
 
 struct MemoryBus {
-    tx: mpsc::Sender<(Arc<str>, Bytes)>,
+    tx: mpsc::Sender<(Topic, Bytes)>,
 }
 
 impl Bus for MemoryBus {
-    fn publish<'a>(
+    fn publish_batch<'a>(
         &'a self,
-        room: &'a str,
-        envelope: Bytes,
-    ) -> BoxFuture<'a, Result<(), BusError>> {
-        let result = self
-            .tx
-            .try_send((Arc::from(room), envelope))
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => {
-                    BusError::Unavailable("memory bus queue is full".into())
-                }
-                mpsc::error::TrySendError::Closed(_) => {
-                    BusError::Unavailable("memory bus stopped".into())
-                }
-            });
-        futures::future::ready(result).boxed()
+        items: &'a [(Topic, Bytes)],
+    ) -> BoxFuture<'a, Vec<PublishResult>> {
+        let results = items
+            .iter()
+            .map(|(topic, envelope)| {
+                self.tx
+                    .try_send((topic.clone(), envelope.clone()))
+                    .map(|()| Published::default())
+                    .map_err(|e| match e {
+                        mpsc::error::TrySendError::Full(_) => {
+                            BusError::Unavailable("memory bus queue is full".into())
+                        }
+                        mpsc::error::TrySendError::Closed(_) => {
+                            BusError::Unavailable("memory bus stopped".into())
+                        }
+                    })
+            })
+            .collect();
+        futures::future::ready(results).boxed()
     }
 
     fn is_up(&self) -> bool {
@@ -46,13 +50,13 @@ impl Bus for MemoryBus {
 
 pub fn start(
     capacity: usize,
-    hub: Arc<Hub>,
+    sink: Arc<dyn Deliver>,
     mut subs: mpsc::UnboundedReceiver<SubCmd>,
     metrics: Arc<Metrics>,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
 ) -> Arc<dyn Bus> {
-    let (tx, mut rx) = mpsc::channel::<(Arc<str>, Bytes)>(capacity);
+    let (tx, mut rx) = mpsc::channel::<(Topic, Bytes)>(capacity);
     metrics.bus_up.set(1.0);
     tracker.spawn(async move {
         loop {
@@ -67,8 +71,8 @@ pub fn start(
                             Err(_) => break,
                         }
                     }
-                    let items: Vec<(&str, &[u8])> = batch.iter().map(|(r, e)| (&**r, &e[..])).collect();
-                    hub.deliver_batch(&items);
+                    let items: Vec<(&str, &[u8])> = batch.iter().map(|(t, e)| (t.key(), &e[..])).collect();
+                    sink.deliver_batch(&items);
                 }
                 Some(cmd) = subs.recv() => {
                     // Every room is local: nothing to subscribe; barriers pass at once.

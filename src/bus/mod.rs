@@ -1,13 +1,14 @@
 //! The bus carries messages between gateway nodes.
 //!
-//! [`Bus`] is what a connection needs: publish a message to a room, and know
-//! whether the bus is up. Subscriptions are driven by the hub through
-//! [`SubCmd`]s, and received messages go to [`Hub::deliver`]; each backend
-//! runs its own task(s) that consume the one and call the other.
+//! [`Bus`] is what the node needs to send: publish a message to a
+//! [`Topic`] (a room or a user), and know whether the bus is up. What it
+//! receives goes the other way: the node says which topics it wants with
+//! [`SubCmd`]s, and each backend's task(s) hand what arrives to a
+//! [`Deliver`] (the hub). Neither side knows the other's type.
 //!
 //! Backends: `memory` (one node, no Redis) and `redis` (pub/sub, one channel
-//! per room). Redis Cluster (sharded pub/sub) and history would be further
-//! modules behind the same trait.
+//! per topic, named by [`Topic::channel`]). Redis Cluster (sharded pub/sub)
+//! and history would be further modules behind the same trait.
 
 mod memory;
 mod redis;
@@ -20,13 +21,39 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::BusConfig;
-use crate::hub::{Hub, SubCmd};
-use crate::metrics::Metrics;
-use crate::protocol::ErrorCode;
+use tokio::sync::oneshot;
 
-/// Most messages handed to the hub as one batch (see [`Hub::deliver_batch`]).
+use crate::config::BusConfig;
+use crate::error::ErrorCode;
+use crate::metrics::Metrics;
+use crate::topic::Topic;
+
+/// Most messages handed to [`Deliver::deliver_batch`] as one batch.
 const MAX_BATCH: usize = 256;
+
+/// A change to the set of topics this node subscribes to, in the order it
+/// must be applied; or a barrier.
+#[derive(Debug)]
+pub enum SubCmd {
+    Subscribe(Topic),
+    Unsubscribe(Topic),
+    /// Answer `true` once every earlier command is in effect, `false` if the
+    /// bus is down (it will apply them when it reconnects, but messages
+    /// published meanwhile are not received).
+    Sync(oneshot::Sender<bool>),
+}
+
+/// Where the bus hands what it receives.
+pub trait Deliver: Send + Sync + 'static {
+    /// Payloads that arrived together, in arrival order, each with its
+    /// topic's key ([`Topic::key`]).
+    fn deliver_batch(&self, batch: &[(&str, &[u8])]);
+}
+
+/// What the bus did with a published message. Backends that order messages
+/// (history) will say here what they assigned.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Published {}
 
 /// Why a publish was not confirmed. The two cases promise different things
 /// to the client (docs/protocol.md, "What an ack and an error mean").
@@ -53,25 +80,17 @@ impl BusError {
     }
 }
 
-pub trait Bus: Send + Sync + 'static {
-    /// Publish one envelope to a room. Success means the bus accepted it.
-    fn publish<'a>(&'a self, room: &'a str, envelope: Bytes)
-        -> BoxFuture<'a, Result<(), BusError>>;
+pub type PublishResult = Result<Published, BusError>;
 
-    /// Publish several `(room, envelope)`s in this order, as one round trip
-    /// where the backend can; one result per item, in the same order.
+pub trait Bus: Send + Sync + 'static {
+    /// Publish `(topic, envelope)`s in this order, as one round trip where
+    /// the backend can; one result per item, in the same order. Success
+    /// means the bus accepted the message (docs/protocol.md says what each
+    /// outcome promises).
     fn publish_batch<'a>(
         &'a self,
-        items: &'a [(String, Bytes)],
-    ) -> BoxFuture<'a, Vec<Result<(), BusError>>> {
-        Box::pin(async move {
-            let mut results = Vec::with_capacity(items.len());
-            for (room, envelope) in items {
-                results.push(self.publish(room, envelope.clone()).await);
-            }
-            results
-        })
-    }
+        items: &'a [(Topic, Bytes)],
+    ) -> BoxFuture<'a, Vec<PublishResult>>;
 
     /// Whether the bus is connected and its subscriptions are in place.
     fn is_up(&self) -> bool;
@@ -81,7 +100,7 @@ pub trait Bus: Send + Sync + 'static {
 pub fn start(
     config: &BusConfig,
     node_id: &str,
-    hub: Arc<Hub>,
+    sink: Arc<dyn Deliver>,
     subs: mpsc::UnboundedReceiver<SubCmd>,
     metrics: Arc<Metrics>,
     tracker: &TaskTracker,
@@ -89,12 +108,12 @@ pub fn start(
 ) -> Arc<dyn Bus> {
     match config {
         BusConfig::Memory { capacity } => {
-            memory::start(*capacity, hub, subs, metrics, tracker, shutdown)
+            memory::start(*capacity, sink, subs, metrics, tracker, shutdown)
         }
         BusConfig::Redis(redis) => redis::start(
             redis.clone(),
             node_id,
-            hub,
+            sink,
             subs,
             metrics,
             tracker,

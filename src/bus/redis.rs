@@ -1,10 +1,11 @@
-//! The Redis bus: Redis pub/sub, one channel per room (`<prefix>room:<room>`).
+//! The Redis bus: Redis pub/sub, one channel per topic (`<prefix>room:<room>`,
+//! `<prefix>user:<id>`; [`Topic::channel`]).
 //!
 //! One supervisor task owns the node's two Redis connections: a dedicated
 //! subscriber connection (SUBSCRIBE only to rooms with local clients) and a
 //! multiplexed connection that pipelines every PUBLISH of the node. It
-//! applies the hub's subscription commands in order, hands received messages
-//! to the hub, PINGs the subscriber connection to catch a dead link, and on
+//! applies the node's subscription commands in order, hands received messages
+//! to the node ([`Deliver`]), PINGs the subscriber connection to catch a dead link, and on
 //! any failure marks the bus down, reconnects with capped, jittered backoff
 //! and re-subscribes every room that still has local clients.
 //!
@@ -38,10 +39,10 @@ use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Bus, BusError};
+use super::{Bus, BusError, Deliver, PublishResult, Published, SubCmd};
 use crate::config::{redact_url, RedisConfig};
-use crate::hub::{Hub, SubCmd};
 use crate::metrics::Metrics;
+use crate::topic::Topic;
 
 /// Rooms per SUBSCRIBE command when re-subscribing after a reconnect.
 const RESUBSCRIBE_BATCH: usize = 512;
@@ -61,8 +62,8 @@ struct RedisBus {
 }
 
 impl RedisBus {
-    fn channel(&self, room: &str) -> String {
-        format!("{}room:{}", self.config.channel_prefix, room)
+    fn channel(&self, topic: &Topic) -> String {
+        topic.channel(&self.config.channel_prefix)
     }
 
     fn set_up(&self, metrics: &Metrics, publisher: Option<MultiplexedConnection>) {
@@ -78,41 +79,28 @@ impl RedisBus {
 }
 
 impl Bus for RedisBus {
-    fn publish<'a>(
-        &'a self,
-        room: &'a str,
-        envelope: Bytes,
-    ) -> BoxFuture<'a, Result<(), BusError>> {
-        async move {
-            let items = [(room.to_owned(), envelope)];
-            let mut results = self.publish_batch(&items).await;
-            results.pop().unwrap_or(Ok(()))
-        }
-        .boxed()
-    }
-
     /// Every PUBLISH of the batch in one pipeline: one write, one round trip.
     fn publish_batch<'a>(
         &'a self,
-        items: &'a [(String, Bytes)],
-    ) -> BoxFuture<'a, Vec<Result<(), BusError>>> {
+        items: &'a [(Topic, Bytes)],
+    ) -> BoxFuture<'a, Vec<PublishResult>> {
         async move {
-            let all = |err: fn(String) -> BusError, reason: &str| -> Vec<Result<(), BusError>> {
+            let all = |err: fn(String) -> BusError, reason: &str| -> Vec<PublishResult> {
                 items.iter().map(|_| Err(err(reason.to_owned()))).collect()
             };
             let Some((generation, mut conn)) = self.publisher.read().clone() else {
                 return all(BusError::Unavailable, "redis is not connected");
             };
             let mut pipe = redis::pipe();
-            for (room, envelope) in items {
+            for (topic, envelope) in items {
                 pipe.cmd("PUBLISH")
-                    .arg(self.channel(room))
+                    .arg(self.channel(topic))
                     .arg(&envelope[..]);
             }
             // One receiver count per PUBLISH.
             match timeout(self.config.timeout, pipe.query_async::<Vec<i64>>(&mut conn)).await {
                 Ok(Ok(receivers)) if self.generation.load(Ordering::Acquire) == generation => {
-                    receivers.iter().map(|_| Ok(())).collect()
+                    receivers.iter().map(|_| Ok(Published::default())).collect()
                 }
                 Ok(Ok(receivers)) => {
                     // Answered on a connection declared dead meanwhile: Redis
@@ -176,7 +164,7 @@ fn client(cfg: &RedisConfig) -> Result<redis::Client, String> {
 pub fn start(
     config: RedisConfig,
     node_id: &str,
-    hub: Arc<Hub>,
+    sink: Arc<dyn Deliver>,
     subs: mpsc::UnboundedReceiver<SubCmd>,
     metrics: Arc<Metrics>,
     tracker: &TaskTracker,
@@ -194,7 +182,7 @@ pub fn start(
         canary_channel: format!("{}canary:{node_id}", bus.config.channel_prefix),
         canary_seq: 0,
         bus: bus.clone(),
-        hub,
+        sink,
         subs,
         metrics,
         shutdown,
@@ -206,12 +194,12 @@ pub fn start(
 
 struct Supervisor {
     bus: Arc<RedisBus>,
-    hub: Arc<Hub>,
+    sink: Arc<dyn Deliver>,
     subs: mpsc::UnboundedReceiver<SubCmd>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
-    /// Rooms that should be subscribed: the hub's rooms, in command order.
-    desired: HashSet<Arc<str>>,
+    /// Topics that should be subscribed: the node's, in command order.
+    desired: HashSet<Topic>,
     /// This node's private channel for canaries.
     canary_channel: String,
     /// The last canary sent (its payload).
@@ -238,7 +226,7 @@ impl Supervisor {
                 Ok((sink, stream, publisher)) => {
                     backoff = cfg.backoff_min;
                     self.metrics.bus_reconnects.inc();
-                    tracing::info!(url = %redact_url(&cfg.url), rooms = self.desired.len(), "redis bus connected");
+                    tracing::info!(url = %redact_url(&cfg.url), topics = self.desired.len(), "redis bus connected");
                     let ended = self.serve(sink, stream, publisher).await;
                     self.bus.set_up(&self.metrics, None);
                     match ended {
@@ -273,11 +261,11 @@ impl Supervisor {
     /// subscriptions are made on reconnect); barriers answer "not in effect".
     fn apply_offline(&mut self, cmd: SubCmd) {
         match cmd {
-            SubCmd::Subscribe(room) => {
-                self.desired.insert(room);
+            SubCmd::Subscribe(topic) => {
+                self.desired.insert(topic);
             }
-            SubCmd::Unsubscribe(room) => {
-                self.desired.remove(&room);
+            SubCmd::Unsubscribe(topic) => {
+                self.desired.remove(&topic);
             }
             SubCmd::Sync(done) => {
                 let _ = done.send(false);
@@ -295,9 +283,9 @@ impl Supervisor {
             .map_err(|_| "timed out connecting".to_string())?
             .map_err(|e| e.to_string())?;
         let (mut sink, stream) = pubsub.split();
-        let mut rooms: Vec<String> = self.desired.iter().map(|r| self.bus.channel(r)).collect();
-        rooms.push(self.canary_channel.clone());
-        for batch in rooms.chunks(RESUBSCRIBE_BATCH) {
+        let mut channels: Vec<String> = self.desired.iter().map(|t| self.bus.channel(t)).collect();
+        channels.push(self.canary_channel.clone());
+        for batch in channels.chunks(RESUBSCRIBE_BATCH) {
             timeout(cfg.timeout, sink.subscribe(batch))
                 .await
                 .map_err(|_| "timed out subscribing".to_string())?
@@ -336,7 +324,7 @@ impl Supervisor {
         publisher: MultiplexedConnection,
     ) -> Ended {
         let cfg = self.bus.config.clone();
-        let prefix = format!("{}room:", cfg.channel_prefix);
+        let prefix = cfg.channel_prefix.clone();
         let mut ping =
             tokio::time::interval_at(Instant::now() + cfg.ping_interval, cfg.ping_interval);
         let canaries = !cfg.canary_interval.is_zero();
@@ -402,7 +390,7 @@ impl Supervisor {
                         .iter()
                         .filter_map(|m| Some((m.get_channel_name().strip_prefix(&prefix)?, m.get_payload_bytes())))
                         .collect();
-                    self.hub.deliver_batch(&items);
+                    self.sink.deliver_batch(&items);
                     if closed {
                         return Ended::Failed("subscriber connection closed".into());
                     }
@@ -447,31 +435,31 @@ impl Supervisor {
         let mut cmds = cmds.into_iter().peekable();
         while let Some(cmd) = cmds.next() {
             let (subscribe, first) = match cmd {
-                SubCmd::Subscribe(room) => (true, room),
-                SubCmd::Unsubscribe(room) => (false, room),
+                SubCmd::Subscribe(topic) => (true, topic),
+                SubCmd::Unsubscribe(topic) => (false, topic),
                 SubCmd::Sync(done) => {
                     // Everything before the barrier has been applied.
                     let _ = done.send(true);
                     continue;
                 }
             };
-            let mut rooms = vec![first];
+            let mut topics = vec![first];
             while let Some(next) = cmds.next_if(|c| match c {
                 SubCmd::Subscribe(_) => subscribe,
                 SubCmd::Unsubscribe(_) => !subscribe,
                 SubCmd::Sync(_) => false,
             }) {
-                if let SubCmd::Subscribe(room) | SubCmd::Unsubscribe(room) = next {
-                    rooms.push(room);
+                if let SubCmd::Subscribe(topic) | SubCmd::Unsubscribe(topic) = next {
+                    topics.push(topic);
                 }
             }
-            let channels: Vec<String> = rooms.iter().map(|r| self.bus.channel(r)).collect();
+            let channels: Vec<String> = topics.iter().map(|t| self.bus.channel(t)).collect();
             let result = if subscribe {
-                self.desired.extend(rooms);
+                self.desired.extend(topics);
                 timeout(limit, sink.subscribe(&channels)).await
             } else {
-                for room in &rooms {
-                    self.desired.remove(room);
+                for topic in &topics {
+                    self.desired.remove(topic);
                 }
                 timeout(limit, sink.unsubscribe(&channels)).await
             };

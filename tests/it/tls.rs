@@ -153,6 +153,9 @@ fn tls_node_config(url: &str, ca: Option<&str>, node: &str) -> roomcast::Config 
         ("ROOMCAST__NODE__ID", node),
         ("ROOMCAST__BUS__REDIS__BACKOFF_MIN", "50ms"),
         ("ROOMCAST__BUS__REDIS__BACKOFF_MAX", "200ms"),
+        // A TLS handshake in a debug build on a loaded machine can take
+        // a while; the default 2 s made this test flaky there.
+        ("ROOMCAST__BUS__REDIS__TIMEOUT", "5s"),
     ];
     if let Some(ca) = ca {
         overrides.push(("ROOMCAST__BUS__REDIS__TLS_CA_FILE", ca));

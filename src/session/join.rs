@@ -1,0 +1,91 @@
+//! `{"op":"join","room":…}`: start receiving a room's messages.
+
+use super::{ack, reject, Link, Session};
+use crate::error::{ErrorCode, Rejection};
+use crate::topic::Topic;
+
+/// Acked only once this node receives the room's messages (the subscription
+/// is in effect on the bus); while the bus is down the join is undone and
+/// refused with `unavailable`. Joining a room twice is acked and changes nothing.
+pub(super) async fn run(session: &mut Session, link: &impl Link, id: Option<u64>, room: &str) {
+    if session.room(room).is_some() {
+        return ack(link, id);
+    }
+    let max = link.limits().max_rooms_per_connection;
+    if session.rooms.len() >= max {
+        return reject(
+            link,
+            Rejection::new(
+                id,
+                ErrorCode::TooManyRooms,
+                format!("a connection may join at most {max} rooms"),
+            ),
+        );
+    }
+    let topic = Topic::room(room);
+    link.join(&topic);
+    if !link.synced().await {
+        link.leave(&topic);
+        return reject(
+            link,
+            Rejection::new(
+                id,
+                ErrorCode::Unavailable,
+                "the bus is down: not joined; retry later",
+            ),
+        );
+    }
+    session.rooms.push(topic);
+    ack(link, id);
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use crate::session::testing::{now, Recorder};
+    use crate::topic::Topic;
+
+    #[test]
+    fn a_join_is_acked_once_in_effect_and_a_second_join_changes_nothing() {
+        let link = Recorder::new();
+        let mut s = link.session();
+        now(s.json(&link, br#"{"op":"join","room":"r1","id":1}"#));
+        now(s.json(&link, br#"{"op":"join","room":"r1","id":2}"#));
+        assert_eq!(
+            link.take_replies(),
+            [json!({"op":"ack","id":1}), json!({"op":"ack","id":2})]
+        );
+        assert_eq!(*link.joined.borrow(), [Topic::room("r1")]);
+        assert_eq!(s.rooms(), [Topic::room("r1")]);
+    }
+
+    #[test]
+    fn joins_beyond_the_limit_are_refused() {
+        let link = Recorder::new(); // max_rooms_per_connection = 2
+        let mut s = link.session();
+        for (i, room) in ["a", "b", "c"].iter().enumerate() {
+            let frame = format!(r#"{{"op":"join","room":"{room}","id":{i}}}"#);
+            now(s.json(&link, frame.as_bytes()));
+        }
+        let replies = link.take_replies();
+        assert_eq!(replies[2]["code"], "too_many_rooms");
+        assert_eq!(replies[2]["id"], 2);
+        assert_eq!(s.rooms().len(), 2);
+    }
+
+    #[test]
+    fn a_join_while_the_bus_is_down_is_undone_and_unavailable() {
+        let mut link = Recorder::new();
+        link.bus_up = false;
+        let mut s = link.session();
+        now(s.json(&link, br#"{"op":"join","room":"r1","id":7}"#));
+        let replies = link.take_replies();
+        assert_eq!(
+            (replies[0]["code"].as_str(), replies[0]["id"].as_u64()),
+            (Some("unavailable"), Some(7))
+        );
+        assert!(link.joined.borrow().is_empty());
+        assert!(s.rooms().is_empty());
+    }
+}

@@ -1,0 +1,47 @@
+//! Raw mode: every text or binary frame is a message to the connection's one room.
+
+use super::{Link, Session};
+use crate::gateway::Reply;
+use crate::protocol;
+
+/// Rate-limited like JSON sends; a frame beyond the rate (or refused by the
+/// bus) is dropped and counted, as a raw client has no error frames.
+pub(super) async fn run(session: &mut Session, link: &impl Link, payload: &[u8], binary: bool) {
+    let Some(topic) = session.rooms.first() else {
+        return;
+    };
+    if !session
+        .messages
+        .allow(link.limits().messages, link.now_ms())
+    {
+        return link.dropped("rate_limited");
+    }
+    let envelope = protocol::raw_envelope(link.conn_id(), payload, binary);
+    link.publish(topic.clone(), envelope, Reply::Raw).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::limit::Rate;
+    use crate::session::testing::{now, Recorder};
+    use crate::session::Session;
+    use crate::topic::Topic;
+
+    #[test]
+    fn raw_frames_go_to_the_room_and_beyond_the_rate_are_dropped() {
+        let mut link = Recorder::new();
+        link.limits.messages = Rate {
+            per_second: 1,
+            burst: 1,
+        };
+        let mut s = Session::new(&link.limits, 0, vec![Topic::room("r")]);
+        now(s.raw(&link, b"hi", false));
+        now(s.raw(&link, b"again", false));
+        let published = link.published.borrow();
+        assert_eq!(published.len(), 1);
+        assert_eq!(published[0].1["raw"], "text");
+        assert_eq!(published[0].1["data"], "hi");
+        assert_eq!(*link.dropped.borrow(), ["rate_limited"]);
+        assert!(link.take_replies().is_empty());
+    }
+}
