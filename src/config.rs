@@ -75,6 +75,7 @@ pub struct Config {
     pub node_id: String,
     pub bus: BusConfig,
     pub limits: Limits,
+    pub api: ApiConfig,
     pub heartbeat: Heartbeat,
     /// Period over which clients are closed on shutdown.
     pub drain: Duration,
@@ -144,6 +145,24 @@ pub struct Limits {
     pub commands: Rate,
 }
 
+/// Who may use `/api/*`.
+#[derive(Clone)]
+pub struct ApiConfig {
+    /// Accepted `Authorization: Bearer` keys (`api.keys`).
+    pub keys: Vec<String>,
+    /// No key needed (`api.open`); never together with keys.
+    pub open: bool,
+}
+
+impl std::fmt::Debug for ApiConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiConfig")
+            .field("keys", &format_args!("[{} redacted]", self.keys.len()))
+            .field("open", &self.open)
+            .finish()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Heartbeat {
     pub interval: Duration,
@@ -165,6 +184,7 @@ struct Raw {
     node: RawNode,
     bus: RawBus,
     limits: RawLimits,
+    api: RawApi,
     heartbeat: RawHeartbeat,
     shutdown: RawShutdown,
     log: RawLog,
@@ -220,6 +240,13 @@ struct RawLimits {
     messages_burst: u32,
     commands_per_second: u32,
     commands_burst: u32,
+}
+
+#[derive(Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    keys: String,
+    open: bool,
 }
 
 #[derive(Deserialize, Serialize, Clone)]
@@ -386,6 +413,11 @@ impl Config {
     pub fn to_toml(&self) -> String {
         let mut raw = self.effective.0.clone();
         raw.bus.redis.url = redact_url(&raw.bus.redis.url);
+        // Stand-ins that still read back as keys.
+        raw.api.keys = (1..=self.api.keys.len())
+            .map(|i| format!("REDACTED_API_KEY_{i}"))
+            .collect::<Vec<_>>()
+            .join(",");
         toml::to_string(&raw).unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
     }
 
@@ -548,6 +580,7 @@ impl Raw {
                 l.commands_burst,
             )?,
         };
+        let api = api(self.api)?;
         let heartbeat = Heartbeat {
             interval: nonzero_duration("heartbeat.interval", &self.heartbeat.interval)?,
             timeout: nonzero_duration("heartbeat.timeout", &self.heartbeat.timeout)?,
@@ -575,6 +608,7 @@ impl Raw {
             node_id,
             bus,
             limits,
+            api,
             heartbeat,
             drain: duration("shutdown.drain", &self.shutdown.drain)?,
             log: LogConfig {
@@ -584,6 +618,42 @@ impl Raw {
             effective: Effective(effective),
         })
     }
+}
+
+/// Shortest API key accepted.
+const MIN_API_KEY_LEN: usize = 16;
+
+fn api(raw: RawApi) -> Result<ApiConfig, ConfigError> {
+    let keys: Vec<String> = raw
+        .keys
+        .split(',')
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if let Some(i) = keys
+        .iter()
+        .position(|k| k.len() < MIN_API_KEY_LEN || !k.bytes().all(|b| b.is_ascii_graphic()))
+    {
+        return Err(invalid(
+            "api.keys",
+            format!(
+                "key {} (of {}) is not at least {MIN_API_KEY_LEN} printable characters without spaces",
+                i + 1,
+                keys.len()
+            ),
+        ));
+    }
+    if raw.open && !keys.is_empty() {
+        return Err(invalid(
+            "api.open",
+            "cannot be set together with api.keys: either the API needs a key or it does not",
+        ));
+    }
+    Ok(ApiConfig {
+        keys,
+        open: raw.open,
+    })
 }
 
 /// A rate and its burst; the burst must allow one message when the rate is set.

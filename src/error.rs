@@ -22,6 +22,11 @@ pub enum ErrorCode {
     Unavailable,
     /// Sent to the bus, outcome unknown.
     Unconfirmed,
+    /// No valid credentials: a bad, expired or missing token (HTTP 401 at
+    /// the upgrade, an error frame for `refresh`), or a missing API key.
+    Unauthorized,
+    /// Valid credentials that do not allow this (a room, sending).
+    Forbidden,
     /// HTTP: a malformed upgrade or API request.
     BadRequest,
     /// HTTP: no such endpoint (or not on this listener).
@@ -43,7 +48,7 @@ pub enum ErrorCode {
 impl ErrorCode {
     /// The codes `roomcast_client_errors_total{code}` exports from the
     /// start: those of error frames, and `bad_request`.
-    pub const CLIENT_ERRORS: [ErrorCode; 9] = [
+    pub const CLIENT_ERRORS: [ErrorCode; 11] = [
         ErrorCode::BadFrame,
         ErrorCode::UnknownOp,
         ErrorCode::BadRoom,
@@ -52,6 +57,8 @@ impl ErrorCode {
         ErrorCode::RateLimited,
         ErrorCode::Unavailable,
         ErrorCode::Unconfirmed,
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
         ErrorCode::BadRequest,
     ];
 
@@ -65,6 +72,8 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Unconfirmed => "unconfirmed",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
             ErrorCode::BadRequest => "bad_request",
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
@@ -85,6 +94,8 @@ impl ErrorCode {
             | ErrorCode::BadRoom
             | ErrorCode::TooManyRooms
             | ErrorCode::BadRequest => 400,
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::Forbidden => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::Timeout => 408,

@@ -163,7 +163,7 @@ impl Gateway {
 
     /// Publish `(topic, envelope)`s in order as one bus round trip, timed
     /// (when anything got through) and counted.
-    async fn publish_batch(&self, items: &[(Topic, Bytes)]) -> Vec<PublishResult> {
+    pub async fn publish_batch(&self, items: &[(Topic, Bytes)]) -> Vec<PublishResult> {
         let started = Instant::now();
         let results = self.bus.publish_batch(items).await;
         let published = results.iter().filter(|r| r.is_ok()).count() as u64;

@@ -42,6 +42,7 @@
 //! [`config`], [`server`], [`protocol`], [`error`], [`topic`], [`ws`];
 //! everything else is internal to the crate.
 
+pub(crate) mod api;
 pub(crate) mod bus;
 pub mod config;
 pub(crate) mod conn;

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -38,7 +38,7 @@ use crate::metrics::Metrics;
 use crate::protocol;
 use crate::topic::Topic;
 use crate::ws::close;
-use crate::{bus, heartbeat};
+use crate::{api, bus, heartbeat};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -89,7 +89,7 @@ impl From<TcpListener> for Listeners {
     }
 }
 
-type Body = Full<Bytes>;
+pub(crate) type Body = Full<Bytes>;
 
 /// Run a gateway node on `listener` until `shutdown` fires and the drain is over.
 pub async fn run(
@@ -229,7 +229,7 @@ async fn close_spread(gw: &Gateway, drain: Duration) {
     }
 }
 
-fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
+pub(crate) fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
@@ -240,12 +240,12 @@ fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
 }
 
 /// An HTTP refusal: the code's status, and the JSON error body.
-fn refuse(code: ErrorCode, message: &str) -> Response<Body> {
+pub(crate) fn refuse(code: ErrorCode, message: &str) -> Response<Body> {
     let status = StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::BAD_REQUEST);
     json_response(status, protocol::http_error_body(code.as_str(), message))
 }
 
-fn refuse_with(rejection: &Rejection) -> Response<Body> {
+pub(crate) fn refuse_with(rejection: &Rejection) -> Response<Body> {
     refuse(rejection.code, &rejection.message)
 }
 
@@ -262,6 +262,11 @@ pub(crate) async fn route(edge: &Edge, req: Request<Incoming>) -> Response<Body>
                 "this endpoint is served on server.internal_listen"
             },
         );
+    }
+    if path.starts_with("/api/") {
+        if let Some(refusal) = api_refusal(&gw, &req) {
+            return refusal;
+        }
     }
     match (req.method(), path) {
         (&Method::GET, "/ws") => upgrade(gw, edge.connections.clone(), req).await,
@@ -287,7 +292,7 @@ pub(crate) async fn route(edge: &Edge, req: Request<Incoming>) -> Response<Body>
             };
             json_response(status, body.to_string().into_bytes())
         }
-        (&Method::POST, "/api/publish") => publish(gw, req).await,
+        (&Method::POST, "/api/publish") => api::publish(gw, req).await,
         (_, "/ws" | "/metrics" | "/healthz" | "/readyz" | "/api/publish") => {
             refuse(ErrorCode::MethodNotAllowed, "method not allowed")
         }
@@ -422,69 +427,42 @@ async fn upgrade(
     resp
 }
 
-/// `Content-Type: application/json` (any parameters, any case), so that a
-/// web page cannot post a "simple" cross-origin form or text/plain request.
-fn is_json(req: &Request<Incoming>) -> bool {
-    req.headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+/// The bearer token of `Authorization`, if the header has one.
+fn bearer(req: &Request<Incoming>) -> Option<&str> {
+    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-/// `POST /api/publish` with `{"room":…,"event":…,"data":…}`: publish from a backend.
-async fn publish(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
-    if !is_json(&req) {
-        return refuse(
-            ErrorCode::UnsupportedMediaType,
-            "Content-Type must be application/json",
-        );
+/// `/api/*` needs one of `api.keys` as a bearer token, unless `api.open`;
+/// the 401 for a request without one. With no key configured and the API
+/// not opened, nothing gets in.
+fn api_refusal(gw: &Gateway, req: &Request<Incoming>) -> Option<Response<Body>> {
+    let api = &gw.config.api;
+    if api.open {
+        return None;
     }
-    let limit = gw.config.limits.max_message_bytes;
-    let collect = Limited::new(req.into_body(), limit).collect();
-    let body = match tokio::time::timeout(gw.config.server.body_timeout, collect).await {
-        Ok(Ok(body)) => body.to_bytes(),
-        Ok(Err(_)) => {
-            return refuse(
-                ErrorCode::TooBig,
-                &format!("body larger than {limit} bytes or unreadable"),
-            )
-        }
-        Err(_) => {
-            return refuse(
-                ErrorCode::Timeout,
-                "the body did not arrive within server.body_timeout",
-            )
-        }
+    let presented = bearer(req).unwrap_or("");
+    // Compare with every key, in time independent of where they differ.
+    let valid = api.keys.iter().fold(false, |ok, key| {
+        ok | constant_time_eq(key.as_bytes(), presented.as_bytes())
+    });
+    if valid {
+        return None;
+    }
+    let message = match (api.keys.is_empty(), presented.is_empty()) {
+        (true, _) => "no API key is configured (api.keys): the API is closed",
+        (false, true) => "an API key is needed: Authorization: Bearer <key>",
+        (false, false) => "this API key is not valid",
     };
-    #[derive(serde::Deserialize)]
-    struct PublishBody<'a> {
-        #[serde(borrow)]
-        room: std::borrow::Cow<'a, str>,
-        #[serde(borrow)]
-        event: std::borrow::Cow<'a, str>,
-        #[serde(borrow, default)]
-        data: Option<&'a serde_json::value::RawValue>,
-    }
-    let parsed: PublishBody = match serde_json::from_slice(&body) {
-        Ok(p) => p,
-        Err(e) => {
-            return refuse(
-                ErrorCode::BadFrame,
-                &format!("expected {{\"room\",\"event\",\"data\"}}: {e}"),
-            )
-        }
-    };
-    let data = parsed.data.unwrap_or(serde_json::value::RawValue::NULL);
-    let checked = protocol::check_room(&parsed.room)
-        .and_then(|()| protocol::check_event(&parsed.event))
-        .and_then(|()| protocol::check_data(data));
-    if let Err(r) = checked {
-        return refuse_with(&r);
-    }
-    let envelope = protocol::json_envelope(&parsed.event, "", data);
-    match gw.publish(Topic::room(&parsed.room), envelope).await {
-        Ok(_) => json_response(StatusCode::OK, br#"{"ok":true}"#.to_vec()),
-        Err(e) => refuse(e.code(), &e.to_string()),
-    }
+    let mut refusal = refuse(ErrorCode::Unauthorized, message);
+    refusal
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    Some(refusal)
+}
+
+/// Equal byte strings, compared in time that depends only on their lengths.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -169,7 +169,7 @@ async fn a_request_without_its_first_response_in_time_is_closed_and_a_slow_body_
     .await;
     let mut s = TcpStream::connect(node.addr).await.expect("connect");
     s.write_all(
-        b"POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+        format!("POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TEST_API_KEY}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{").as_bytes(),
     )
     .await
     .expect("write");
@@ -186,7 +186,7 @@ async fn a_request_without_its_first_response_in_time_is_closed_and_a_slow_body_
     let node = Node::start(config(&[("ROOMCAST__SERVER__BODY_TIMEOUT", "300ms")])).await;
     let (status, body) = exchange(
         node.addr,
-        b"POST /api/publish HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+        format!("POST /api/publish HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {TEST_API_KEY}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{").as_bytes(),
     )
     .await;
     assert_eq!(
@@ -210,7 +210,7 @@ async fn api_publish_accepts_only_json_so_a_web_page_cannot_forge_events() {
             .map(|t| format!("Content-Type: {t}\r\n"))
             .unwrap_or_default();
         let req = format!(
-            "POST /api/publish HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{header}Content-Length: {}\r\n\r\n{body}",
+            "POST /api/publish HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {TEST_API_KEY}\r\n{header}Content-Length: {}\r\n\r\n{body}",
             body.len()
         );
         let (status, resp) = exchange(node.addr, req.as_bytes()).await;
@@ -222,7 +222,7 @@ async fn api_publish_accepts_only_json_so_a_web_page_cannot_forge_events() {
     }
     // With a charset parameter it is still JSON.
     let req = format!(
-        "POST /api/publish HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: Application/JSON; charset=utf-8\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /api/publish HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {TEST_API_KEY}\r\nContent-Type: Application/JSON; charset=utf-8\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     assert_eq!(exchange(node.addr, req.as_bytes()).await.0, 200);

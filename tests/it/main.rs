@@ -4,6 +4,7 @@
 mod util;
 
 mod abuse;
+mod api;
 mod canary;
 mod cluster;
 mod config;

@@ -188,9 +188,14 @@ impl Drop for Redis {
 // ---------------------------------------------------------------- gateway nodes
 
 /// Configuration for a test node: defaults plus `ROOMCAST__…` style overrides.
+/// The API key every test node accepts (and [`http`] presents).
+pub const TEST_API_KEY: &str = "test-api-key-0123456789";
+
 pub fn config(overrides: &[(&str, &str)]) -> Config {
-    let mut env: Vec<(String, String)> =
-        vec![("ROOMCAST__SERVER__LISTEN".into(), "127.0.0.1:0".into())];
+    let mut env: Vec<(String, String)> = vec![
+        ("ROOMCAST__SERVER__LISTEN".into(), "127.0.0.1:0".into()),
+        ("ROOMCAST__API__KEYS".into(), TEST_API_KEY.into()),
+    ];
     env.extend(
         overrides
             .iter()
@@ -330,11 +335,24 @@ pub fn metric_value(body: &str, name: &str) -> Option<f64> {
     })
 }
 
+/// A plain HTTP/1.1 request presenting [`TEST_API_KEY`]; returns (status, body).
 pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let auth = format!("Authorization: Bearer {TEST_API_KEY}\r\n");
+    http_with(addr, method, path, &auth, body).await
+}
+
+/// [`http`] with these header lines (each ending in CRLF) instead of the API key.
+pub async fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &str,
+) -> (u16, String) {
     within(&format!("HTTP {method} {path}"), async {
         let mut s = TcpStream::connect(addr).await.expect("connect for HTTP");
         let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\n{headers}Content-Length: {}\r\n\r\n{body}",
             body.len()
         );
         s.write_all(req.as_bytes()).await.expect("write HTTP request");
@@ -685,6 +703,7 @@ pub async fn start_binary_under(
             Command::new(argv[0])
                 .args(&argv[1..])
                 .env("ROOMCAST__SERVER__LISTEN", addr.to_string())
+                .env("ROOMCAST__API__KEYS", TEST_API_KEY)
                 .envs(env.iter().copied())
                 .stdout(output())
                 .stderr(output())
