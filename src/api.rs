@@ -1,6 +1,7 @@
 //! The API for the platform's backend, on the internal listener: publish
-//! to rooms and users (`POST /api/publish`). Every request needs an API key
-//! (checked in `server.rs` before it gets here).
+//! to rooms and users (`POST /api/publish`), and online counts
+//! (`GET /api/rooms/{room}`, `GET /api/rooms?prefix=…&limit=…`). Every
+//! request needs an API key (checked in `server.rs` before it gets here).
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -21,6 +22,10 @@ use crate::topic::Topic;
 
 /// Most messages in one batch.
 pub const MAX_BATCH: usize = 1000;
+
+/// Rooms `GET /api/rooms` lists unless told otherwise, and at most.
+pub const DEFAULT_ROOMS: usize = 50;
+pub const MAX_ROOMS: usize = 1000;
 
 /// `Content-Type: application/json` (any parameters, any case), so that a
 /// web page cannot post a "simple" cross-origin form or text/plain request.
@@ -175,4 +180,65 @@ pub async fn publish(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body>
 fn error_value(code: ErrorCode, message: &str) -> serde_json::Value {
     serde_json::from_slice(&protocol::http_error_body(code.as_str(), message))
         .unwrap_or(serde_json::Value::Null)
+}
+
+/// `GET /api/rooms/{room}`: `{"room":…,"online":N,"watch_seconds":S,"nodes":K}`,
+/// across the cluster (`nodes`: how many have someone in the room). A room
+/// no one is in is `online` 0, not a 404; an invalid name is `bad_room`.
+pub async fn room(gw: Arc<Gateway>, encoded: &str) -> Response<Body> {
+    let Ok(room) = percent_encoding::percent_decode_str(encoded).decode_utf8() else {
+        return refuse(ErrorCode::BadRoom, "the room name is not UTF-8");
+    };
+    if let Err(r) = protocol::check_room(&room) {
+        return refuse_with(&r);
+    }
+    let total = gw.presence.room(&room);
+    let watch = match gw.bus.watch_seconds(&room).await {
+        Ok(seconds) => seconds,
+        Err(e) => return refuse(e.code(), &e.to_string()),
+    };
+    let body = serde_json::json!({
+        "room": room,
+        "online": total.online,
+        "watch_seconds": (watch * 1000.0).round() / 1000.0,
+        "nodes": total.nodes,
+    });
+    json_response(StatusCode::OK, body.to_string().into_bytes())
+}
+
+/// `GET /api/rooms?prefix=…&limit=…`: the busiest rooms whose names start
+/// with `prefix` (default: all), most online first, then by name:
+/// `{"rooms":[{"room":…,"online":…},…]}`; `limit` 1–1000, default 50.
+pub fn rooms(gw: &Gateway, query: &str) -> Response<Body> {
+    let mut prefix = String::new();
+    let mut limit = DEFAULT_ROOMS;
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        match &*key {
+            "prefix" => prefix = value.into_owned(),
+            "limit" => match value.parse::<usize>() {
+                Ok(n) if (1..=MAX_ROOMS).contains(&n) => limit = n,
+                _ => {
+                    return refuse(
+                        ErrorCode::BadRequest,
+                        &format!("limit must be a number from 1 to {MAX_ROOMS}"),
+                    )
+                }
+            },
+            _ => {}
+        }
+    }
+    if !prefix.is_empty() && !protocol::valid_room(&prefix) {
+        return refuse(
+            ErrorCode::BadRequest,
+            "prefix must be the start of a room name (up to 128 characters of A-Z a-z 0-9 _ - . : @)",
+        );
+    }
+    let rooms: Vec<serde_json::Value> = gw
+        .presence
+        .busiest(&prefix, limit)
+        .into_iter()
+        .map(|(room, online)| serde_json::json!({"room": room, "online": online}))
+        .collect();
+    let body = serde_json::json!({ "rooms": rooms }).to_string();
+    json_response(StatusCode::OK, body.into_bytes())
 }

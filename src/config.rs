@@ -77,6 +77,7 @@ pub struct Config {
     pub limits: Limits,
     pub api: ApiConfig,
     pub heartbeat: Heartbeat,
+    pub presence: PresenceConfig,
     /// Period over which clients are closed on shutdown.
     pub drain: Duration,
     pub log: LogConfig,
@@ -169,6 +170,22 @@ pub struct Heartbeat {
     pub timeout: Duration,
 }
 
+/// Cluster-wide online counts (`presence.rs`).
+#[derive(Debug, Clone)]
+pub struct PresenceConfig {
+    /// How often this node writes its rooms' local counts; other nodes count
+    /// a report for 1.5 of these and read every quarter of one.
+    pub report_interval: Duration,
+    /// Least time between two presence frames to one room's members.
+    pub throttle: Duration,
+    /// How long a room's watch time is kept after it was last added to.
+    pub watch_ttl: Duration,
+}
+
+/// Shortest `presence.report_interval`: every node reads every node's
+/// counts four times per interval.
+pub const MIN_REPORT_INTERVAL: Duration = Duration::from_millis(100);
+
 #[derive(Debug, Clone)]
 pub struct LogConfig {
     pub json: bool,
@@ -186,6 +203,7 @@ struct Raw {
     limits: RawLimits,
     api: RawApi,
     heartbeat: RawHeartbeat,
+    presence: RawPresence,
     shutdown: RawShutdown,
     log: RawLog,
 }
@@ -254,6 +272,14 @@ struct RawApi {
 struct RawHeartbeat {
     interval: String,
     timeout: String,
+}
+
+#[derive(Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawPresence {
+    report_interval: String,
+    throttle: String,
+    watch_ttl: String,
 }
 
 #[derive(Deserialize, Serialize, Clone)]
@@ -591,6 +617,7 @@ impl Raw {
                 "must be longer than heartbeat.interval",
             ));
         }
+        let presence = presence(&self.presence)?;
         let json = match self.log.format.as_str() {
             "text" => false,
             "json" => true,
@@ -610,6 +637,7 @@ impl Raw {
             limits,
             api,
             heartbeat,
+            presence,
             drain: duration("shutdown.drain", &self.shutdown.drain)?,
             log: LogConfig {
                 json,
@@ -618,6 +646,28 @@ impl Raw {
             effective: Effective(effective),
         })
     }
+}
+
+fn presence(raw: &RawPresence) -> Result<PresenceConfig, ConfigError> {
+    let report_interval = nonzero_duration("presence.report_interval", &raw.report_interval)?;
+    if report_interval < MIN_REPORT_INTERVAL {
+        return Err(invalid(
+            "presence.report_interval",
+            format!("must be at least {MIN_REPORT_INTERVAL:?}"),
+        ));
+    }
+    let watch_ttl = nonzero_duration("presence.watch_ttl", &raw.watch_ttl)?;
+    if watch_ttl <= report_interval {
+        return Err(invalid(
+            "presence.watch_ttl",
+            "must be longer than presence.report_interval",
+        ));
+    }
+    Ok(PresenceConfig {
+        report_interval,
+        throttle: nonzero_duration("presence.throttle", &raw.throttle)?,
+        watch_ttl,
+    })
 }
 
 /// Shortest API key accepted.
@@ -696,6 +746,9 @@ mod tests {
         assert_eq!(c.limits.max_rooms_per_connection, 32);
         assert_eq!(c.heartbeat.interval, Duration::from_secs(25));
         assert_eq!(c.drain, Duration::from_secs(10));
+        assert_eq!(c.presence.report_interval, Duration::from_secs(2));
+        assert_eq!(c.presence.throttle, Duration::from_secs(2));
+        assert_eq!(c.presence.watch_ttl, Duration::from_secs(24 * 3600));
     }
 
     #[test]
@@ -734,6 +787,13 @@ mod tests {
             ),
             ("ROOMCAST__SERVER__COLOUR", "blue", "colour"),
             ("ROOMCAST__LOG__FORMAT", "xml", "log.format"),
+            (
+                "ROOMCAST__PRESENCE__REPORT_INTERVAL",
+                "10ms",
+                "presence.report_interval",
+            ),
+            ("ROOMCAST__PRESENCE__THROTTLE", "0s", "presence.throttle"),
+            ("ROOMCAST__PRESENCE__WATCH_TTL", "1s", "presence.watch_ttl"),
         ];
         for (key, value, named) in cases {
             let err = Config::load(None, env(&[(key, value)]))

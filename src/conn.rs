@@ -21,7 +21,7 @@ use crate::hub::RoomPin;
 use crate::peer::Peer;
 use crate::protocol::{self, Format};
 use crate::session::{NodeLink, Session};
-use crate::topic::Topic;
+use crate::topic::{Target, Topic};
 use crate::ws::{self, close, FrameReader, Incoming};
 
 /// How long a closing connection may take to flush its close frame and get
@@ -49,6 +49,9 @@ pub struct Accepted {
 }
 
 /// Serve one connection until it closes.
+///
+/// A JSON client gets `welcome`, then a `presence` frame for each room of
+/// its URL.
 ///
 /// The set-up is synchronous, so the returned future — the state an idle
 /// connection keeps for its whole life — holds only the [`Conn`] and its
@@ -97,6 +100,13 @@ impl Conn {
             gw.hub.join(&topic, &peer);
             drop(pin);
             rooms.push(topic);
+        }
+        if peer.format == Format::Json {
+            for topic in &rooms {
+                if let Target::Room(room) = topic.target() {
+                    peer.send(&protocol::presence_frame(room, gw.presence.online(topic)));
+                }
+            }
         }
         let reader = FrameReader::new(
             gw.config.limits.max_message_bytes,

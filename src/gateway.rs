@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::peer::Peer;
+use crate::presence::Presence;
 use crate::protocol::{self, Rejection};
 use crate::topic::Topic;
 
@@ -45,6 +46,8 @@ pub struct Gateway {
     pub hub: Arc<Hub>,
     pub bus: Arc<dyn Bus>,
     pub metrics: Arc<Metrics>,
+    /// Cluster-wide online counts (`presence.rs`).
+    pub presence: Presence,
     /// Set when shutdown begins: not ready, no new WebSocket connections.
     pub draining: AtomicBool,
     next_seq: AtomicU64,
@@ -72,12 +75,14 @@ impl Gateway {
         metrics: Arc<Metrics>,
     ) -> (Self, mpsc::Receiver<Publish>) {
         let (publishes, queue) = mpsc::channel(PUBLISH_QUEUE);
+        let presence = Presence::new(config.presence.clone(), hub.clone(), metrics.clone());
         let gw = Gateway {
             config,
             node_id,
             hub,
             bus,
             metrics,
+            presence,
             draining: AtomicBool::new(false),
             next_seq: AtomicU64::new(1),
             admitted: AtomicUsize::new(0),

@@ -15,19 +15,24 @@
 //!   writes to sockets with no lock held (see `members.rs`).
 //! - A bus payload is parsed and framed once per node, then the same bytes
 //!   go to every local recipient.
+//! - Every join or leave of a room (not a user topic) marks the room
+//!   changed, for presence (`presence.rs`), which takes the marks with
+//!   [`Hub::take_changed`] after [`Hub::changes`] fires. Counts are the number
+//!   of member connections, JSON and raw alike.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::bus::{Deliver, SubCmd};
 use crate::members::{Keyed, Members};
 use crate::metrics::Metrics;
 use crate::peer::{Peer, Sent};
-use crate::protocol::Outgoing;
+use crate::protocol::{Format, Outgoing};
 use crate::topic::{Target, Topic};
 
 #[derive(Default)]
@@ -43,6 +48,10 @@ pub struct Hub {
     subs: mpsc::UnboundedSender<SubCmd>,
     metrics: Arc<Metrics>,
     epoch: Instant,
+    /// Rooms whose members changed since presence last looked.
+    changed: Mutex<HashSet<Topic>>,
+    /// Fires when `changed` gained a room.
+    changes: Notify,
 }
 
 /// Keeps a room subscribed until dropped (see [`Hub::pin`]).
@@ -67,6 +76,8 @@ impl Hub {
             subs,
             metrics,
             epoch: Instant::now(),
+            changed: Mutex::new(HashSet::new()),
+            changes: Notify::new(),
         };
         (Arc::new(hub), rx)
     }
@@ -110,18 +121,84 @@ impl Hub {
     }
 
     pub fn join(&self, topic: &Topic, peer: &Arc<Peer>) {
-        self.change(topic, |r| {
-            r.members.insert(peer.clone());
-        });
+        let mut joined = false;
+        self.change(topic, |r| joined = r.members.insert(peer.clone()));
+        if joined {
+            self.mark_changed(topic);
+        }
     }
 
     pub fn leave(&self, topic: &Topic, peer: &Peer) {
         if !self.rooms.read().contains_key(topic) {
             return;
         }
-        self.change(topic, |r| {
-            r.members.remove(peer.seq);
-        });
+        let mut left = false;
+        self.change(topic, |r| left = r.members.remove(peer.seq));
+        if left {
+            self.mark_changed(topic);
+        }
+    }
+
+    fn mark_changed(&self, topic: &Topic) {
+        if let Target::Room(_) = topic.target() {
+            if self.changed.lock().insert(topic.clone()) {
+                self.changes.notify_one();
+            }
+        }
+    }
+
+    /// Fires (once per wait) after a room's members changed.
+    pub fn changes(&self) -> &Notify {
+        &self.changes
+    }
+
+    /// The rooms whose members changed since the last call.
+    pub fn take_changed(&self) -> HashSet<Topic> {
+        std::mem::take(&mut *self.changed.lock())
+    }
+
+    /// Every room (not user topic) with local members, and how many.
+    pub fn room_counts(&self) -> Vec<(Topic, usize)> {
+        self.rooms
+            .read()
+            .iter()
+            .filter(|(topic, room)| {
+                matches!(topic.target(), Target::Room(_)) && !room.members.is_empty()
+            })
+            .map(|(topic, room)| (topic.clone(), room.members.len()))
+            .collect()
+    }
+
+    /// Local members of `topic`.
+    pub fn count(&self, topic: &Topic) -> usize {
+        self.rooms
+            .read()
+            .get(topic)
+            .map_or(0, |room| room.members.len())
+    }
+
+    /// Send a state frame (not a message: not counted as a delivery) to the
+    /// JSON members of `topic`. `frame` is given the local member count and
+    /// returns what to send, if anything; count and recipients are taken
+    /// under the same lock, so a member who joins later is not in the count
+    /// it did not receive. Returns the count, `None` if no one is local.
+    pub fn tell_room(
+        &self,
+        topic: &Topic,
+        frame: impl FnOnce(usize) -> Option<Bytes>,
+    ) -> Option<usize> {
+        let (count, members, frame) = {
+            let rooms = self.rooms.read();
+            let room = rooms.get(topic).filter(|r| !r.members.is_empty())?;
+            let count = room.members.len();
+            (count, room.members.snapshot(), frame(count))
+        };
+        if let Some(frame) = frame {
+            for peer in members.iter().filter(|p| p.format == Format::Json) {
+                peer.send(&frame);
+            }
+        }
+        Some(count)
     }
 
     /// Wait until every subscription change requested so far is in effect;

@@ -10,8 +10,8 @@
 //! - `listener`: accept loops and what a connection may cost before it is
 //!   a WebSocket (timeouts, the pending cap, the open-file budget).
 //! - [`server`]: HTTP routes (`/ws`, `/metrics`, `/healthz`, `/readyz`,
-//!   `/api/publish`) on the public and internal listeners, the WebSocket
-//!   upgrade, graceful shutdown. Authentication at the upgrade and API keys
+//!   `/api/*` with its handlers in `api`) on the public and internal
+//!   listeners, the WebSocket upgrade, graceful shutdown. Authentication at the upgrade and API keys
 //!   go here, next to the routes they guard (a module `auth` of their own).
 //! - `conn`: one connection as a socket: the task that pumps bytes, reads
 //!   frames and runs the close handshake.
@@ -28,8 +28,10 @@
 //! - [`topic`]: a room or a user, and the bus channel it is.
 //! - `hub`: local topics (rooms and users), subscription changes, fan-out;
 //!   `members`: one topic's member list. A user's connections are the
-//!   members of the user's topic. Presence (online counts) reads the hub's
-//!   counts and reports them through the bus's Redis (a module `presence`).
+//!   members of the user's topic.
+//! - `presence`: cluster-wide online counts: the node-wide task that reports
+//!   the hub's per-room counts and watch time through the bus, reads the
+//!   other nodes', and sends `presence` frames to local rooms (throttled).
 //! - `bus`: trait `Bus` with the `memory` and `redis` backends; it
 //!   delivers to a `Deliver` (the hub). History (sequence numbers,
 //!   recovery) is a bus concern: its Redis scripts go beside `redis`.
@@ -55,6 +57,7 @@ pub(crate) mod listener;
 pub(crate) mod members;
 pub(crate) mod metrics;
 pub(crate) mod peer;
+pub(crate) mod presence;
 pub mod protocol;
 pub mod server;
 pub(crate) mod session;

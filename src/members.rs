@@ -61,6 +61,10 @@ impl<T: Keyed + Clone> Members<T> {
         self.list.is_empty()
     }
 
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
     /// The current members, to iterate without holding the room lock.
     pub fn snapshot(&self) -> Arc<Vec<T>> {
         self.list.clone()

@@ -40,6 +40,9 @@ pub struct Metrics {
     pub pending_connections: IntGauge,
     pub handshakes_aborted: IntCounterVec,
     pub accept_errors: IntCounter,
+    pub presence_reports: IntCounter,
+    pub presence_report_failures: IntCounter,
+    pub presence_nodes: IntGauge,
 }
 
 impl Metrics {
@@ -177,6 +180,18 @@ impl Metrics {
             accept_errors: counter(
                 "roomcast_accept_errors_total",
                 "Failed accepts (usually the open-file limit); the listener backs off and retries",
+            )?,
+            presence_reports: counter(
+                "roomcast_presence_reports_total",
+                "Reports of this node's per-room counts stored by the bus",
+            )?,
+            presence_report_failures: counter(
+                "roomcast_presence_report_failures_total",
+                "Reports of this node's per-room counts the bus did not confirm (none is attempted while the bus is down)",
+            )?,
+            presence_nodes: int_gauge(
+                "roomcast_presence_nodes",
+                "Nodes in this node's last view of the cluster's online counts, this one included",
             )?,
             registry,
         })

@@ -346,6 +346,22 @@ pub fn pong_frame(id: Option<u64>) -> Bytes {
     text(&Pong { op: "pong", id })
 }
 
+/// `{"op":"presence","room":…,"online":…}`: how many are in the room, on
+/// every node. State, not a message: never part of a room's history.
+pub fn presence_frame(room: &str, online: u64) -> Bytes {
+    #[derive(Serialize)]
+    struct Presence<'a> {
+        op: &'static str,
+        room: &'a str,
+        online: u64,
+    }
+    text(&Presence {
+        op: "presence",
+        room,
+        online,
+    })
+}
+
 pub fn error_frame(rejection: &Rejection) -> Bytes {
     #[derive(Serialize)]
     struct Error<'a> {

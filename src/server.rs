@@ -2,14 +2,16 @@
 //! (accepting connections is `listener.rs`'s).
 //!
 //! Routes: `GET /ws` (WebSocket), `GET /metrics`, `GET /healthz`,
-//! `GET /readyz`, `POST /api/publish`. With `server.internal_listen` set,
+//! `GET /readyz`, `POST /api/publish`, `GET /api/rooms`,
+//! `GET /api/rooms/{room}`. With `server.internal_listen` set,
 //! `/metrics` and `/api/*` move to the internal listener ([`Role`]). Every
 //! HTTP error has a JSON body `{"error":{"code":…,"message":…}}`.
 //!
 //! Shutdown: when `shutdown` fires, `/readyz` answers 503 and `/ws` refuses
 //! new clients at once; existing clients are closed with 1012 spread evenly
 //! over `shutdown.drain` (so they do not all reconnect in the same instant);
-//! then the bus stops and [`run`] returns.
+//! then presence says goodbye (this node's counts leave the cluster's at
+//! once), the bus stops and [`run`] returns.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -38,7 +40,7 @@ use crate::metrics::Metrics;
 use crate::protocol;
 use crate::topic::Topic;
 use crate::ws::close;
-use crate::{api, bus, heartbeat};
+use crate::{api, bus, heartbeat, presence};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -90,6 +92,10 @@ impl From<TcpListener> for Listeners {
 }
 
 pub(crate) type Body = Full<Bytes>;
+
+/// How long presence may take to remove this node's counts at shutdown
+/// (one bus round trip, itself bounded by the bus's timeout).
+const PRESENCE_GOODBYE: Duration = Duration::from_secs(10);
 
 /// Run a gateway node on `listener` until `shutdown` fires and the drain is over.
 pub async fn run(
@@ -154,6 +160,9 @@ pub async fn run(
     let gw = Arc::new(gw);
     background.spawn(heartbeat::run(gw.clone(), stop.clone()));
     background.spawn(gateway::run_publisher(gw.clone(), publishes, stop.clone()));
+    // Stopped before the bus, so that its goodbye still gets through.
+    let presence_stop = CancellationToken::new();
+    let presence = tokio::spawn(presence::run(gw.clone(), presence_stop.clone()));
     let addr_of = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(
         listen = %addr_of(&public),
@@ -205,6 +214,15 @@ pub async fn run(
     {
         tracing::warn!("some connections did not finish closing in time");
     }
+    presence_stop.cancel();
+    if tokio::time::timeout(PRESENCE_GOODBYE, presence)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "presence did not say goodbye in time; this node's counts expire on their own"
+        );
+    }
     stop.cancel();
     background.close();
     background.wait().await;
@@ -248,6 +266,9 @@ pub(crate) fn refuse(code: ErrorCode, message: &str) -> Response<Body> {
 pub(crate) fn refuse_with(rejection: &Rejection) -> Response<Body> {
     refuse(rejection.code, &rejection.message)
 }
+
+/// `GET /api/rooms/{room}`.
+const ROOMS: &str = "/api/rooms/";
 
 /// Answer one request on a listener of `edge.role`.
 pub(crate) async fn route(edge: &Edge, req: Request<Incoming>) -> Response<Body> {
@@ -293,9 +314,12 @@ pub(crate) async fn route(edge: &Edge, req: Request<Incoming>) -> Response<Body>
             json_response(status, body.to_string().into_bytes())
         }
         (&Method::POST, "/api/publish") => api::publish(gw, req).await,
-        (_, "/ws" | "/metrics" | "/healthz" | "/readyz" | "/api/publish") => {
+        (&Method::GET, "/api/rooms") => api::rooms(&gw, req.uri().query().unwrap_or("")),
+        (&Method::GET, p) if p.starts_with(ROOMS) => api::room(gw, &p[ROOMS.len()..]).await,
+        (_, "/ws" | "/metrics" | "/healthz" | "/readyz" | "/api/publish" | "/api/rooms") => {
             refuse(ErrorCode::MethodNotAllowed, "method not allowed")
         }
+        (_, p) if p.starts_with(ROOMS) => refuse(ErrorCode::MethodNotAllowed, "method not allowed"),
         _ => refuse(ErrorCode::NotFound, "no such endpoint"),
     }
 }

@@ -1,22 +1,31 @@
 //! The embedded bus: one node, messages go from `publish` through a bounded
 //! queue to a single dispatcher task, which gives every room one total order
 //! (as Redis does for the redis bus).
+//!
+//! Presence: there are no other nodes, so a snapshot is empty (the node's
+//! own counts are live); watch time is kept here, forgotten `ttl` after a
+//! room's last addition as in Redis.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::FutureExt;
+use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Bus, BusError, Deliver, PublishResult, Published, SubCmd};
+use super::{Bus, BusError, Deliver, PublishResult, Published, Report, Snapshot, SubCmd};
 use crate::metrics::Metrics;
 use crate::topic::Topic;
 
 struct MemoryBus {
     tx: mpsc::Sender<(Topic, Bytes)>,
+    /// Room → (viewer-seconds, when it expires).
+    watch: Mutex<HashMap<String, (f64, Instant)>>,
 }
 
 impl Bus for MemoryBus {
@@ -45,6 +54,32 @@ impl Bus for MemoryBus {
 
     fn is_up(&self) -> bool {
         !self.tx.is_closed()
+    }
+
+    fn presence<'a>(&'a self, report: Report<'a>) -> BoxFuture<'a, Result<Snapshot, BusError>> {
+        let watch = match report {
+            Report::Read => None,
+            Report::Counts { watch, .. } | Report::Leaving { watch } => Some(watch),
+        };
+        if let Some(watch) = watch {
+            let now = Instant::now();
+            let mut rooms = self.watch.lock();
+            rooms.retain(|_, (_, expires)| *expires > now);
+            for (room, seconds) in watch.seconds {
+                let entry = rooms.entry(room.to_string()).or_insert((0.0, now));
+                *entry = (entry.0 + seconds, now + watch.ttl);
+            }
+        }
+        futures::future::ready(Ok(Snapshot::default())).boxed()
+    }
+
+    fn watch_seconds<'a>(&'a self, room: &'a str) -> BoxFuture<'a, Result<f64, BusError>> {
+        let now = Instant::now();
+        let seconds = match self.watch.lock().get(room) {
+            Some((seconds, expires)) if *expires > now => *seconds,
+            _ => 0.0,
+        };
+        futures::future::ready(Ok(seconds)).boxed()
     }
 }
 
@@ -84,5 +119,8 @@ pub fn start(
         }
         metrics.bus_up.set(0.0);
     });
-    Arc::new(MemoryBus { tx })
+    Arc::new(MemoryBus {
+        tx,
+        watch: Mutex::new(HashMap::new()),
+    })
 }

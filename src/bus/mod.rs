@@ -9,11 +9,17 @@
 //! Backends: `memory` (one node, no Redis) and `redis` (pub/sub, one channel
 //! per topic, named by [`Topic::channel`]). Redis Cluster (sharded pub/sub)
 //! and history would be further modules behind the same trait.
+//!
+//! Presence goes through the bus too ([`Bus::presence`]): each node's
+//! per-room counts and watch time, and what the other live nodes reported
+//! (`presence.rs` decides when and what; the backend only stores and reads).
 
 mod memory;
 mod redis;
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -57,7 +63,7 @@ pub struct Published {}
 
 /// Why a publish was not confirmed. The two cases promise different things
 /// to the client (docs/protocol.md, "What an ack and an error mean").
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BusError {
     /// Certainly not delivered to anyone: the bus was down or full before the
     /// message was sent, or Redis reported no receiver for it. Safe to retry.
@@ -82,6 +88,45 @@ impl BusError {
 
 pub type PublishResult = Result<Published, BusError>;
 
+/// What a node tells the bus on one presence round trip (`presence.rs`).
+#[derive(Debug)]
+pub enum Report<'a> {
+    /// Nothing new: only read what the other nodes reported.
+    Read,
+    /// This node's rooms and their local member counts, replacing its last
+    /// report; readers count it for `fresh_for` (measured on the bus's clock).
+    /// Then read the others.
+    Counts {
+        rooms: &'a [(&'a str, u64)],
+        fresh_for: Duration,
+        watch: Watch<'a>,
+    },
+    /// This node is leaving: its counts are removed at once.
+    Leaving { watch: Watch<'a> },
+}
+
+/// Viewer-seconds to add to rooms' watch time, kept `ttl` after the last addition.
+#[derive(Debug)]
+pub struct Watch<'a> {
+    pub seconds: &'a [(&'a str, f64)],
+    pub ttl: Duration,
+}
+
+/// What the other live nodes reported (this node is never in it).
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub nodes: Vec<NodeCounts>,
+}
+
+/// One live node's last report.
+#[derive(Debug)]
+pub struct NodeCounts {
+    /// How much longer this report counts, from when the bus read it.
+    pub fresh_for: Duration,
+    /// Room name → local members on that node.
+    pub rooms: HashMap<String, u64>,
+}
+
 pub trait Bus: Send + Sync + 'static {
     /// Publish `(topic, envelope)`s in this order, as one round trip where
     /// the backend can; one result per item, in the same order. Success
@@ -94,6 +139,14 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Whether the bus is connected and its subscriptions are in place.
     fn is_up(&self) -> bool;
+
+    /// Store `report` (if any) and answer what the other live nodes
+    /// reported, in one round trip. A node whose report is older than its
+    /// `fresh_for` is not in the answer (and its keys are removed).
+    fn presence<'a>(&'a self, report: Report<'a>) -> BoxFuture<'a, Result<Snapshot, BusError>>;
+
+    /// A room's watch time: viewer-seconds over every node, as reported.
+    fn watch_seconds<'a>(&'a self, room: &'a str) -> BoxFuture<'a, Result<f64, BusError>>;
 }
 
 /// Start the configured backend's tasks on `tracker`; they stop on `shutdown`.

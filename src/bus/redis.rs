@@ -17,6 +17,9 @@
 //! After a (re)connect the bus is declared up only once a first canary has
 //! come back.
 //!
+//! Presence (per-room counts, watch time) runs its scripts on the publisher
+//! connection; the keys and the script are in `redis/presence.rs`.
+//!
 //! We do not use redis-rs's `ConnectionManager` resubscription: measured, it
 //! recovered from a 1 s outage but not from a 15 s one until another command
 //! ran, and its first PUBLISH after a restart failed once. Here both
@@ -39,7 +42,9 @@ use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Bus, BusError, Deliver, PublishResult, Published, SubCmd};
+mod presence;
+
+use super::{Bus, BusError, Deliver, PublishResult, Published, Report, Snapshot, SubCmd};
 use crate::config::{redact_url, RedisConfig};
 use crate::metrics::Metrics;
 use crate::topic::Topic;
@@ -49,6 +54,9 @@ const RESUBSCRIBE_BATCH: usize = 512;
 
 struct RedisBus {
     config: RedisConfig,
+    /// This node's presence keys (and everyone's, by prefix).
+    presence: presence::Keys,
+    node_id: String,
     /// The publishing connection while the bus is up, with the generation
     /// it belongs to.
     publisher: RwLock<Option<(u64, MultiplexedConnection)>>,
@@ -76,6 +84,29 @@ impl RedisBus {
         self.up.store(up, Ordering::Release);
         metrics.bus_up.set(if up { 1.0 } else { 0.0 });
     }
+
+    /// The publishing connection, or why there is none.
+    fn connection(&self) -> Result<(u64, MultiplexedConnection), BusError> {
+        self.publisher
+            .read()
+            .clone()
+            .ok_or_else(|| BusError::Unavailable("redis is not connected".into()))
+    }
+
+    /// A command on the publishing connection failed (or timed out, `None`):
+    /// what that means, and have the supervisor check the connection.
+    fn failed(&self, what: &str, e: Option<redis::RedisError>) -> BusError {
+        self.suspect.notify_one();
+        match e {
+            // Redis answering with an error refused the command; a broken
+            // connection may have carried it first.
+            Some(e) if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() => {
+                BusError::Unconfirmed(format!("redis {what} failed: {e}"))
+            }
+            Some(e) => BusError::Unavailable(format!("redis {what} failed: {e}")),
+            None => BusError::Unconfirmed(format!("redis {what} timed out")),
+        }
+    }
 }
 
 impl Bus for RedisBus {
@@ -85,11 +116,13 @@ impl Bus for RedisBus {
         items: &'a [(Topic, Bytes)],
     ) -> BoxFuture<'a, Vec<PublishResult>> {
         async move {
-            let all = |err: fn(String) -> BusError, reason: &str| -> Vec<PublishResult> {
-                items.iter().map(|_| Err(err(reason.to_owned()))).collect()
+            // The same failure for every item.
+            let all_of = |err: BusError| -> Vec<PublishResult> {
+                items.iter().map(|_| Err(err.clone())).collect()
             };
-            let Some((generation, mut conn)) = self.publisher.read().clone() else {
-                return all(BusError::Unavailable, "redis is not connected");
+            let (generation, mut conn) = match self.connection() {
+                Ok(c) => c,
+                Err(e) => return all_of(e),
             };
             let mut pipe = redis::pipe();
             for (topic, envelope) in items {
@@ -120,20 +153,8 @@ impl Bus for RedisBus {
                         })
                         .collect()
                 }
-                Ok(Err(e)) => {
-                    self.suspect.notify_one();
-                    // Redis answering with an error refused the command; a
-                    // broken connection may have carried it first.
-                    let err = match e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
-                        true => BusError::Unconfirmed,
-                        false => BusError::Unavailable,
-                    };
-                    all(err, &format!("redis publish failed: {e}"))
-                }
-                Err(_) => {
-                    self.suspect.notify_one();
-                    all(BusError::Unconfirmed, "redis publish timed out")
-                }
+                Ok(Err(e)) => all_of(self.failed("publish", Some(e))),
+                Err(_) => all_of(self.failed("publish", None)),
             }
         }
         .boxed()
@@ -141,6 +162,43 @@ impl Bus for RedisBus {
 
     fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
+    }
+
+    /// One script on the publisher connection (see `redis/presence.rs`).
+    fn presence<'a>(&'a self, report: Report<'a>) -> BoxFuture<'a, Result<Snapshot, BusError>> {
+        async move {
+            let (_, mut conn) = self.connection()?;
+            let cmd = presence::exchange(&self.presence, &self.node_id, &report);
+            match timeout(
+                self.config.timeout,
+                cmd.query_async::<presence::Reply>(&mut conn),
+            )
+            .await
+            {
+                Ok(Ok(reply)) => Ok(presence::snapshot(reply)),
+                Ok(Err(e)) => Err(self.failed("presence", Some(e))),
+                Err(_) => Err(self.failed("presence", None)),
+            }
+        }
+        .boxed()
+    }
+
+    fn watch_seconds<'a>(&'a self, room: &'a str) -> BoxFuture<'a, Result<f64, BusError>> {
+        async move {
+            let (_, mut conn) = self.connection()?;
+            let get = redis::cmd("GET").arg(self.presence.watch(room)).to_owned();
+            match timeout(
+                self.config.timeout,
+                get.query_async::<Option<f64>>(&mut conn),
+            )
+            .await
+            {
+                Ok(Ok(seconds)) => Ok(seconds.unwrap_or(0.0)),
+                Ok(Err(e)) => Err(self.failed("read of watch time", Some(e))),
+                Err(_) => Err(self.failed("read of watch time", None)),
+            }
+        }
+        .boxed()
     }
 }
 
@@ -172,6 +230,8 @@ pub fn start(
 ) -> Arc<dyn Bus> {
     metrics.bus_up.set(0.0);
     let bus = Arc::new(RedisBus {
+        presence: presence::Keys::new(&config.channel_prefix, node_id),
+        node_id: node_id.to_owned(),
         config,
         publisher: RwLock::new(None),
         generation: AtomicU64::new(0),

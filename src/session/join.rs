@@ -2,11 +2,13 @@
 
 use super::{ack, reject, Link, Session};
 use crate::error::{ErrorCode, Rejection};
+use crate::protocol;
 use crate::topic::Topic;
 
 /// Acked only once this node receives the room's messages (the subscription
 /// is in effect on the bus); while the bus is down the join is undone and
-/// refused with `unavailable`. Joining a room twice is acked and changes nothing.
+/// refused with `unavailable`. After the ack, a `presence` frame: how many
+/// are in the room now. Joining a room twice is acked and changes nothing.
 pub(super) async fn run(session: &mut Session, link: &impl Link, id: Option<u64>, room: &str) {
     if session.room(room).is_some() {
         return ack(link, id);
@@ -35,8 +37,9 @@ pub(super) async fn run(session: &mut Session, link: &impl Link, id: Option<u64>
             ),
         );
     }
-    session.rooms.push(topic);
     ack(link, id);
+    link.reply(&protocol::presence_frame(room, link.online(&topic)));
+    session.rooms.push(topic);
 }
 
 #[cfg(test)]
@@ -54,7 +57,11 @@ mod tests {
         now(s.json(&link, br#"{"op":"join","room":"r1","id":2}"#));
         assert_eq!(
             link.take_replies(),
-            [json!({"op":"ack","id":1}), json!({"op":"ack","id":2})]
+            [
+                json!({"op":"ack","id":1}),
+                json!({"op":"presence","room":"r1","online":1}),
+                json!({"op":"ack","id":2})
+            ]
         );
         assert_eq!(*link.joined.borrow(), [Topic::room("r1")]);
         assert_eq!(s.rooms(), [Topic::room("r1")]);
@@ -69,8 +76,8 @@ mod tests {
             now(s.json(&link, frame.as_bytes()));
         }
         let replies = link.take_replies();
-        assert_eq!(replies[2]["code"], "too_many_rooms");
-        assert_eq!(replies[2]["id"], 2);
+        assert_eq!(replies[4]["code"], "too_many_rooms");
+        assert_eq!(replies[4]["id"], 2);
         assert_eq!(s.rooms().len(), 2);
     }
 

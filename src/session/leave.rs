@@ -26,6 +26,7 @@ mod tests {
         let link = Recorder::new();
         let mut s = link.session();
         now(s.json(&link, br#"{"op":"join","room":"r1"}"#));
+        assert_eq!(link.take_replies()[0]["op"], "presence");
         now(s.json(&link, br#"{"op":"leave","room":"r2","id":1}"#));
         now(s.json(&link, br#"{"op":"leave","room":"r1","id":2}"#));
         let replies = link.take_replies();

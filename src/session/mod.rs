@@ -41,6 +41,8 @@ pub(crate) trait Link {
     fn leave(&self, topic: &Topic);
     /// `true` once every join so far is in effect on the bus; `false` if the bus is down.
     async fn synced(&self) -> bool;
+    /// How many are in room `topic`, across the cluster (a `presence` frame).
+    fn online(&self, topic: &Topic) -> u64;
     /// Hand a message to the bus; the client hears the outcome as `reply` says.
     async fn publish(&self, topic: Topic, envelope: Bytes, reply: Reply);
     /// Count a refusal (`roomcast_client_errors_total{code}`).
@@ -205,6 +207,10 @@ impl Link for NodeLink<'_> {
         self.gw.hub.sync().await
     }
 
+    fn online(&self, topic: &Topic) -> u64 {
+        self.gw.presence.online(topic)
+    }
+
     async fn publish(&self, topic: Topic, envelope: Bytes, reply: Reply) {
         self.gw
             .enqueue(Publish {
@@ -316,6 +322,9 @@ pub(crate) mod testing {
         }
         async fn synced(&self) -> bool {
             self.bus_up
+        }
+        fn online(&self, topic: &Topic) -> u64 {
+            self.joined.borrow().iter().filter(|t| *t == topic).count() as u64
         }
         async fn publish(&self, topic: Topic, envelope: Bytes, reply: Reply) {
             let envelope: serde_json::Value = serde_json::from_slice(&envelope).expect("JSON");

@@ -47,6 +47,7 @@ mod tests {
         ));
         assert_eq!(link.take_replies()[0]["code"], "not_joined");
         now(s.json(&link, br#"{"op":"join","room":"r1"}"#));
+        assert_eq!(link.take_replies()[0]["op"], "presence");
         now(s.json(
             &link,
             br#"{"op":"send","room":"r1","event":"danmaku","data":{"t":"hi"},"id":2}"#,
@@ -70,6 +71,7 @@ mod tests {
         };
         let mut s = link.session();
         now(s.json(&link, br#"{"op":"join","room":"r1"}"#));
+        assert_eq!(link.take_replies()[0]["op"], "presence");
         for id in 0..3 {
             let frame = format!(r#"{{"op":"send","room":"r1","event":"e","id":{id}}}"#);
             now(s.json(&link, frame.as_bytes()));
