@@ -101,11 +101,10 @@ impl Conn {
             drop(pin);
             rooms.push(topic);
         }
-        if peer.format == Format::Json {
-            for topic in &rooms {
-                if let Target::Room(room) = topic.target() {
-                    peer.send(&protocol::presence_frame(room, gw.presence.online(topic)));
-                }
+        for topic in &rooms {
+            let online = gw.presence.joined(topic);
+            if let (Format::Json, Target::Room(room)) = (peer.format, topic.target()) {
+                peer.send(&protocol::presence_frame(room, online));
             }
         }
         let reader = FrameReader::new(

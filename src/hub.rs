@@ -15,10 +15,12 @@
 //!   writes to sockets with no lock held (see `members.rs`).
 //! - A bus payload is parsed and framed once per node, then the same bytes
 //!   go to every local recipient.
-//! - Every join or leave of a room (not a user topic) marks the room
-//!   changed, for presence (`presence.rs`), which takes the marks with
-//!   [`Hub::take_changed`] after [`Hub::changes`] fires. Counts are the number
-//!   of member connections, JSON and raw alike.
+//! - Every leave of a room (not a user topic) marks the room changed, for
+//!   presence (`presence.rs`), which takes the marks with
+//!   [`Hub::take_changed`] after [`Hub::changes`] fires. A join is marked by
+//!   presence once the client has its ack ([`Hub::mark_changed`]), so no
+//!   frame about its own join reaches a client before the ack. Counts are
+//!   member connections, JSON and raw alike.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -121,11 +123,9 @@ impl Hub {
     }
 
     pub fn join(&self, topic: &Topic, peer: &Arc<Peer>) {
-        let mut joined = false;
-        self.change(topic, |r| joined = r.members.insert(peer.clone()));
-        if joined {
-            self.mark_changed(topic);
-        }
+        self.change(topic, |r| {
+            r.members.insert(peer.clone());
+        });
     }
 
     pub fn leave(&self, topic: &Topic, peer: &Peer) {
@@ -139,7 +139,8 @@ impl Hub {
         }
     }
 
-    fn mark_changed(&self, topic: &Topic) {
+    /// Have presence look at room `topic` again (a no-op for user topics).
+    pub fn mark_changed(&self, topic: &Topic) {
         if let Target::Room(_) = topic.target() {
             if self.changed.lock().insert(topic.clone()) {
                 self.changes.notify_one();

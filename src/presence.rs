@@ -14,7 +14,7 @@
 //!   changed, at most once per `presence.throttle` per room (a change within
 //!   the throttle is sent when it ends, with the count of that moment). It
 //!   wakes on local joins and leaves ([`Hub::changes`]) and on every new
-//!   cluster view.
+//!   cluster view (a join counts once acknowledged, see [`Presence::joined`]).
 //!
 //! The number a client is shown is the other nodes' counts from the last
 //! read plus this node's live count, so a local join or leave shows at once.
@@ -180,9 +180,16 @@ impl Presence {
         }
     }
 
+    /// A client's join of room `topic` is in effect and acknowledged: tell
+    /// the room (throttled), and answer the number the client is shown.
+    pub fn joined(&self, topic: &Topic) -> u64 {
+        self.hub.mark_changed(topic);
+        self.online(topic)
+    }
+
     /// The number a member of room `topic` is shown: the other nodes' last
     /// read counts and this node's live one.
-    pub fn online(&self, topic: &Topic) -> u64 {
+    fn online(&self, topic: &Topic) -> u64 {
         self.cluster().total(name(topic)).online + self.hub.count(topic) as u64
     }
 

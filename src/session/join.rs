@@ -38,7 +38,7 @@ pub(super) async fn run(session: &mut Session, link: &impl Link, id: Option<u64>
         );
     }
     ack(link, id);
-    link.reply(&protocol::presence_frame(room, link.online(&topic)));
+    link.reply(&protocol::presence_frame(room, link.joined(&topic)));
     session.rooms.push(topic);
 }
 

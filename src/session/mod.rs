@@ -41,8 +41,9 @@ pub(crate) trait Link {
     fn leave(&self, topic: &Topic);
     /// `true` once every join so far is in effect on the bus; `false` if the bus is down.
     async fn synced(&self) -> bool;
-    /// How many are in room `topic`, across the cluster (a `presence` frame).
-    fn online(&self, topic: &Topic) -> u64;
+    /// This client's join of room `topic` is acknowledged: tell the room;
+    /// answers how many are in it now, across the cluster.
+    fn joined(&self, topic: &Topic) -> u64;
     /// Hand a message to the bus; the client hears the outcome as `reply` says.
     async fn publish(&self, topic: Topic, envelope: Bytes, reply: Reply);
     /// Count a refusal (`roomcast_client_errors_total{code}`).
@@ -207,8 +208,8 @@ impl Link for NodeLink<'_> {
         self.gw.hub.sync().await
     }
 
-    fn online(&self, topic: &Topic) -> u64 {
-        self.gw.presence.online(topic)
+    fn joined(&self, topic: &Topic) -> u64 {
+        self.gw.presence.joined(topic)
     }
 
     async fn publish(&self, topic: Topic, envelope: Bytes, reply: Reply) {
@@ -323,7 +324,7 @@ pub(crate) mod testing {
         async fn synced(&self) -> bool {
             self.bus_up
         }
-        fn online(&self, topic: &Topic) -> u64 {
+        fn joined(&self, topic: &Topic) -> u64 {
             self.joined.borrow().iter().filter(|t| *t == topic).count() as u64
         }
         async fn publish(&self, topic: Topic, envelope: Bytes, reply: Reply) {

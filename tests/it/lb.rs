@@ -167,7 +167,7 @@ async fn connect_via(lb: &Nginx, query: &str) -> (Client, String) {
     })
     .await
     .unwrap_or_else(|e| panic!("a client connecting through nginx was refused: {e}"));
-    let mut client = Client { ws };
+    let mut client = Client::new(ws);
     let welcome = client.recv_json().await;
     assert_eq!(welcome["op"], "welcome", "{welcome}");
     (

@@ -15,6 +15,7 @@ mod lb;
 mod lifecycle;
 mod metrics;
 mod outage;
+mod presence;
 mod raw;
 mod slow;
 mod tls;

@@ -25,7 +25,7 @@ async fn client_that_stops_reading_is_closed_as_slow_consumer_and_others_get_eve
     )
     .await
     .expect("slow client handshake");
-    let mut slow = Client { ws };
+    let mut slow = Client::new(ws);
 
     const N: u32 = 200;
     let mut fast = Client::raw(&node, "feed").await;

@@ -3,6 +3,7 @@
 //!
 //! Everything waits with a timeout; nothing sleeps to synchronize.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -411,6 +412,9 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 /// A real WebSocket client.
 pub struct Client {
     pub ws: Ws,
+    /// `presence` frames [`Client::recv_json`] stepped over, oldest first
+    /// (they are state, not messages: [`Client::presence`] takes them).
+    presence: VecDeque<Value>,
 }
 
 impl Client {
@@ -421,7 +425,15 @@ impl Client {
         )
         .await
         .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
-        Client { ws }
+        Client::new(ws)
+    }
+
+    /// A client on a WebSocket connected some other way.
+    pub fn new(ws: Ws) -> Client {
+        Client {
+            ws,
+            presence: VecDeque::new(),
+        }
     }
 
     /// A JSON-mode client in `rooms`; returns it with its connection id (from `welcome`).
@@ -464,12 +476,54 @@ impl Client {
         .await
     }
 
+    /// The next JSON frame other than `presence` (those are kept for
+    /// [`Client::presence`]).
     pub async fn recv_json(&mut self) -> Value {
+        loop {
+            let frame = self.recv_any_json().await;
+            if frame["op"] != "presence" {
+                return frame;
+            }
+            self.presence.push_back(frame);
+        }
+    }
+
+    /// The next JSON frame, whatever it is.
+    pub async fn recv_any_json(&mut self) -> Value {
         match self.recv().await {
             Message::Text(t) => {
                 serde_json::from_str(&t).unwrap_or_else(|e| panic!("not JSON ({e}): {t}"))
             }
             other => panic!("expected a JSON text frame, got {other:?}"),
+        }
+    }
+
+    /// The next `presence` frame (one stepped over earlier first). Any other
+    /// frame fails the test.
+    pub async fn presence(&mut self) -> Value {
+        if let Some(frame) = self.presence.pop_front() {
+            return frame;
+        }
+        let frame = self.recv_any_json().await;
+        assert_eq!(
+            frame["op"], "presence",
+            "expected a presence frame: {frame}"
+        );
+        frame
+    }
+
+    /// `presence` frames of `room` until one says `online`; returns them all,
+    /// that one last.
+    pub async fn presence_until(&mut self, room: &str, online: u64) -> Vec<Value> {
+        let mut seen = Vec::new();
+        loop {
+            let frame = self.presence().await;
+            assert_eq!(frame["room"], room, "{frame}");
+            let done = frame["online"] == online;
+            seen.push(frame);
+            if done {
+                return seen;
+            }
         }
     }
 
