@@ -170,7 +170,7 @@ pub struct Heartbeat {
     pub timeout: Duration,
 }
 
-/// Cluster-wide online counts (`presence.rs`).
+/// Cluster-wide online counts (`presence/`).
 #[derive(Debug, Clone)]
 pub struct PresenceConfig {
     /// How often this node writes its rooms' local counts; other nodes count

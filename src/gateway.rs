@@ -46,7 +46,7 @@ pub struct Gateway {
     pub hub: Arc<Hub>,
     pub bus: Arc<dyn Bus>,
     pub metrics: Arc<Metrics>,
-    /// Cluster-wide online counts (`presence.rs`).
+    /// Cluster-wide online counts (`presence/`).
     pub presence: Presence,
     /// Set when shutdown begins: not ready, no new WebSocket connections.
     pub draining: AtomicBool,

@@ -16,11 +16,11 @@
 //! - A bus payload is parsed and framed once per node, then the same bytes
 //!   go to every local recipient.
 //! - Every leave of a room (not a user topic) marks the room changed, for
-//!   presence (`presence.rs`), which takes the marks with
+//!   presence (`presence/`), which takes the marks with
 //!   [`Hub::take_changed`] after [`Hub::changes`] fires. A join is marked by
-//!   presence once the client has its ack ([`Hub::mark_changed`]), so no
-//!   frame about its own join reaches a client before the ack. Counts are
-//!   member connections, JSON and raw alike.
+//!   presence once the client has its ack ([`Hub::mark_changed`]), so a
+//!   join is announced to the room after its ack. Counts are member
+//!   connections, JSON and raw alike.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

@@ -12,7 +12,7 @@
 //!
 //! Presence goes through the bus too ([`Bus::presence`]): each node's
 //! per-room counts and watch time, and what the other live nodes reported
-//! (`presence.rs` decides when and what; the backend only stores and reads).
+//! (`presence/` decides when and what; the backend only stores and reads).
 
 mod memory;
 mod redis;
@@ -88,7 +88,7 @@ impl BusError {
 
 pub type PublishResult = Result<Published, BusError>;
 
-/// What a node tells the bus on one presence round trip (`presence.rs`).
+/// What a node tells the bus on one presence round trip (`presence/`).
 #[derive(Debug)]
 pub enum Report<'a> {
     /// Nothing new: only read what the other nodes reported.
