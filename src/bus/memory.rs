@@ -58,7 +58,7 @@ impl Bus for MemoryBus {
 
     fn presence<'a>(&'a self, report: Report<'a>) -> BoxFuture<'a, Result<Snapshot, BusError>> {
         let watch = match report {
-            Report::Read => None,
+            Report::Read { .. } => None,
             Report::Counts { watch, .. } | Report::Leaving { watch } => Some(watch),
         };
         if let Some(watch) = watch {

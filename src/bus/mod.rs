@@ -92,7 +92,7 @@ pub type PublishResult = Result<Published, BusError>;
 #[derive(Debug)]
 pub enum Report<'a> {
     /// Nothing new: only read what the other nodes reported.
-    Read,
+    Read { known: Known<'a> },
     /// This node's rooms and their local member counts, replacing its last
     /// report; readers count it for `fresh_for` (measured on the bus's clock).
     /// Then read the others.
@@ -100,10 +100,15 @@ pub enum Report<'a> {
         rooms: &'a [(&'a str, u64)],
         fresh_for: Duration,
         watch: Watch<'a>,
+        known: Known<'a>,
     },
     /// This node is leaving: its counts are removed at once.
     Leaving { watch: Watch<'a> },
 }
+
+/// The (node, version) of the reports the reader already holds: those come
+/// back without their counts, so a read moves each report once.
+pub type Known<'a> = &'a [(&'a str, &'a str)];
 
 /// Viewer-seconds to add to rooms' watch time, kept `ttl` after the last addition.
 #[derive(Debug)]
@@ -121,10 +126,14 @@ pub struct Snapshot {
 /// One live node's last report.
 #[derive(Debug)]
 pub struct NodeCounts {
+    pub node: String,
+    /// Which report this is (another report has another version).
+    pub version: String,
     /// How much longer this report counts, from when the bus read it.
     pub fresh_for: Duration,
-    /// Room name → local members on that node.
-    pub rooms: HashMap<String, u64>,
+    /// Room name → local members on that node; `None` when the reader said
+    /// it holds this version already.
+    pub rooms: Option<HashMap<String, u64>>,
 }
 
 pub trait Bus: Send + Sync + 'static {

@@ -69,15 +69,19 @@ pub struct Total {
 struct Cluster {
     nodes: Vec<Other>,
     /// Room → the sum over `nodes`.
-    totals: HashMap<String, Total>,
+    totals: Arc<HashMap<String, Total>>,
 }
 
 /// One other node's report.
+#[derive(Clone)]
 struct Other {
+    node: String,
+    /// Which of its reports (see `Known`): a read does not send it again.
+    version: String,
     /// When its report stops counting, on this node's clock (early rather
     /// than late: measured from before the read was sent).
     until: Instant,
-    rooms: HashMap<String, u64>,
+    rooms: Arc<HashMap<String, u64>>,
 }
 
 impl Cluster {
@@ -90,21 +94,54 @@ impl Cluster {
                 total.nodes += 1;
             }
         }
-        Cluster { nodes, totals }
+        Cluster {
+            nodes,
+            totals: Arc::new(totals),
+        }
     }
 
-    /// The view a read sent at `sent` answered.
-    fn read(snapshot: Snapshot, sent: Instant) -> Cluster {
-        Cluster::new(
-            snapshot
-                .nodes
-                .into_iter()
-                .map(|n| Other {
+    /// The (node, version) of the reports this view holds.
+    fn known(&self) -> Vec<(&str, &str)> {
+        self.nodes
+            .iter()
+            .map(|n| (n.node.as_str(), n.version.as_str()))
+            .collect()
+    }
+
+    /// The view a read sent at `sent` answered, given the view it was sent
+    /// with (whose reports it did not send again).
+    fn read(&self, snapshot: Snapshot, sent: Instant) -> Cluster {
+        let same = snapshot.nodes.len() == self.nodes.len()
+            && snapshot.nodes.iter().all(|n| n.rooms.is_none());
+        let nodes: Vec<Other> = snapshot
+            .nodes
+            .into_iter()
+            .map(|n| {
+                let rooms = n.rooms.map(Arc::new).unwrap_or_else(|| {
+                    // Known, so in this view (an empty one if not: the next
+                    // read, not knowing it, gets it whole).
+                    self.nodes
+                        .iter()
+                        .find(|o| o.node == n.node)
+                        .map(|o| o.rooms.clone())
+                        .unwrap_or_default()
+                });
+                Other {
+                    node: n.node,
+                    version: n.version,
                     until: sent + n.fresh_for,
-                    rooms: n.rooms,
-                })
-                .collect(),
-        )
+                    rooms,
+                }
+            })
+            .collect();
+        match same {
+            // No report changed: the same sums.
+            true => Cluster {
+                nodes,
+                totals: self.totals.clone(),
+            },
+            false => Cluster::new(nodes),
+        }
     }
 
     /// This view without the reports that ran out by `now`; `None` if none did.
@@ -113,13 +150,7 @@ impl Cluster {
             return None;
         }
         let live = self.nodes.iter().filter(|n| n.until > now);
-        Some(Cluster::new(
-            live.map(|n| Other {
-                until: n.until,
-                rooms: n.rooms.clone(),
-            })
-            .collect(),
-        ))
+        Some(Cluster::new(live.cloned().collect()))
     }
 
     fn total(&self, room: &str) -> Total {
@@ -133,7 +164,7 @@ pub struct Presence {
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     cluster: RwLock<Arc<Cluster>>,
-    /// Fires when `cluster` was replaced.
+    /// Fires when `cluster` was replaced by one with other sums.
     updated: Notify,
 }
 
@@ -160,12 +191,21 @@ impl Presence {
         self.cluster.read().clone()
     }
 
+    /// A new view; the announcer looks again only if a sum changed.
     fn replace(&self, cluster: Cluster) {
         self.metrics
             .presence_nodes
             .set(cluster.nodes.len() as i64 + 1);
-        *self.cluster.write() = Arc::new(cluster);
-        self.updated.notify_one();
+        let changed = {
+            let mut current = self.cluster.write();
+            let changed =
+                !Arc::ptr_eq(&current.totals, &cluster.totals) && current.totals != cluster.totals;
+            *current = Arc::new(cluster);
+            changed
+        };
+        if changed {
+            self.updated.notify_one();
+        }
     }
 
     /// Drop the other nodes' reports that ran out (when no read came).
@@ -246,10 +286,12 @@ mod tests {
 
     use super::*;
 
-    fn other(until: Instant, rooms: &[(&str, u64)]) -> Other {
+    fn other(node: &str, until: Instant, rooms: &[(&str, u64)]) -> Other {
         Other {
+            node: node.to_owned(),
+            version: "1".to_owned(),
             until,
-            rooms: rooms.iter().map(|(r, n)| (r.to_string(), *n)).collect(),
+            rooms: Arc::new(rooms.iter().map(|(r, n)| (r.to_string(), *n)).collect()),
         }
     }
 
@@ -257,8 +299,8 @@ mod tests {
     fn a_view_sums_the_nodes_and_drops_each_report_when_it_runs_out() {
         let now = Instant::now();
         let cluster = Cluster::new(vec![
-            other(now + Duration::from_secs(1), &[("r", 2), ("s", 1)]),
-            other(now + Duration::from_secs(3), &[("r", 5), ("empty", 0)]),
+            other("a", now + Duration::from_secs(1), &[("r", 2), ("s", 1)]),
+            other("b", now + Duration::from_secs(3), &[("r", 5), ("empty", 0)]),
         ]);
         assert_eq!(
             cluster.total("r"),
@@ -279,5 +321,59 @@ mod tests {
         );
         assert_eq!(later.total("s"), Total::default());
         assert_eq!(later.nodes.len(), 1);
+    }
+
+    #[test]
+    fn a_read_keeps_the_reports_it_did_not_send_again() {
+        use crate::bus::NodeCounts;
+        let now = Instant::now();
+        let held = Cluster::new(vec![other("a", now, &[("r", 2)])]);
+        assert_eq!(held.known(), [("a", "1")]);
+        let counts = |node: &str, version: &str, rooms: Option<&[(&str, u64)]>| NodeCounts {
+            node: node.to_owned(),
+            version: version.to_owned(),
+            fresh_for: Duration::from_secs(1),
+            rooms: rooms.map(|r| r.iter().map(|(k, n)| (k.to_string(), *n)).collect()),
+        };
+        // Nothing new: the same sums (shared, not recomputed), later expiry.
+        let same = held.read(
+            Snapshot {
+                nodes: vec![counts("a", "1", None)],
+            },
+            now,
+        );
+        assert!(Arc::ptr_eq(&same.totals, &held.totals));
+        assert_eq!(same.nodes[0].until, now + Duration::from_secs(1));
+        // A new report from a, and b for the first time.
+        let next = same.read(
+            Snapshot {
+                nodes: vec![
+                    counts("a", "2", Some(&[("r", 3)])),
+                    counts("b", "1", Some(&[("r", 1)])),
+                ],
+            },
+            now,
+        );
+        assert_eq!(
+            next.total("r"),
+            Total {
+                online: 4,
+                nodes: 2
+            }
+        );
+        // a unchanged, b gone.
+        let last = next.read(
+            Snapshot {
+                nodes: vec![counts("a", "2", None)],
+            },
+            now,
+        );
+        assert_eq!(
+            last.total("r"),
+            Total {
+                online: 3,
+                nodes: 1
+            }
+        );
     }
 }

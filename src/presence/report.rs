@@ -9,8 +9,8 @@ use std::time::Duration;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use super::{name, Cluster};
-use crate::bus::{BusError, Report, Snapshot, Watch};
+use super::name;
+use crate::bus::{BusError, Known, Report, Snapshot, Watch};
 use crate::gateway::Gateway;
 use crate::topic::Topic;
 
@@ -36,16 +36,18 @@ pub(super) async fn run(gw: &Gateway, stop: &CancellationToken) {
         }
         let now = Instant::now();
         // Ticks are a quarter apart: within half a tick is on time.
+        let held = presence.cluster();
+        let known = held.known();
         let answer = if now + period / 2 >= next_report {
             next_report = now + interval;
-            reporter.report(now).await
+            reporter.report(now, &known).await
         } else if gw.bus.is_up() {
-            gw.bus.presence(Report::Read).await.ok()
+            gw.bus.presence(Report::Read { known: &known }).await.ok()
         } else {
             None
         };
         match answer {
-            Some(snapshot) => presence.replace(Cluster::read(snapshot, now)),
+            Some(snapshot) => presence.replace(held.read(snapshot, now)),
             // No answer (or the bus is down): the last view runs out on time.
             None => presence.prune(Instant::now()),
         }
@@ -74,7 +76,7 @@ impl<'a> Reporter<'a> {
 
     /// Report the counts and watch time, and read the others'. Nothing is
     /// attempted while the bus is down (`roomcast_bus_up` says so).
-    async fn report(&mut self, now: Instant) -> Option<Snapshot> {
+    async fn report(&mut self, now: Instant, known: Known<'_>) -> Option<Snapshot> {
         let (gw, metrics) = (self.gw, &self.gw.metrics);
         let rooms = gw.hub.room_counts();
         self.watched.sample(&rooms, now);
@@ -90,6 +92,7 @@ impl<'a> Reporter<'a> {
                 seconds: &seconds,
                 ttl: gw.presence.config.watch_ttl,
             },
+            known,
         };
         let result = gw.bus.presence(report).await;
         match &result {

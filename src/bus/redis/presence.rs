@@ -16,8 +16,11 @@
 //!   by every report and the hash would keep every room ever watched.
 //!
 //! Each exchange is one script: store the report, drop the nodes whose
-//! reports are stale (and their hashes), and return the fresh nodes' hashes.
-//! So a read costs the number of live nodes and their rooms, never viewers.
+//! reports are stale (and their hashes), and return the fresh nodes' hashes
+//! — except those the reader says it holds already (a report's version is
+//! its score, new with every report), so each report crosses once per
+//! reader. So a read costs the number of live nodes, and their rooms when
+//! they reported since; never viewers.
 //! Node hashes and the node set expire after twice a report's freshness, so
 //! a cluster that stops entirely leaves nothing behind. The script builds
 //! the other nodes' key names itself: allowed for keys in the same slot.
@@ -29,12 +32,14 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::bus::{NodeCounts, Report, Snapshot, Watch};
+use crate::bus::{Known, NodeCounts, Report, Snapshot, Watch};
 
 /// KEYS: the node set, this node's hash. ARGV: mode (`read`, `counts`,
 /// `leaving`), node id, key prefix, fresh ms, keep ms, watch ttl ms, then
-/// the number of rooms and their (room, count) pairs, then the number of
-/// watch additions and their (room, seconds) pairs.
+/// the number of rooms and their (room, count) pairs, the number of watch
+/// additions and their (room, seconds) pairs, the number of known reports
+/// and their (node, version) pairs. Answers, per other live node, (node,
+/// version, ms it still counts, room/count pairs or nil when known).
 const SCRIPT: &str = r#"
 if redis.replicate_commands then redis.replicate_commands() end
 local mode, node, prefix = ARGV[1], ARGV[2], ARGV[3]
@@ -62,6 +67,11 @@ for k = i + 1, i + 2 * watched, 2 do
   redis.call('INCRBYFLOAT', key, ARGV[k + 1])
   redis.call('PEXPIRE', key, watch_ttl)
 end
+i = i + 2 * watched + 1
+local known = {}
+for k = i + 1, i + 2 * tonumber(ARGV[i]), 2 do
+  known[ARGV[k]] = ARGV[k + 1]
+end
 if mode == 'leaving' then
   redis.call('ZREM', KEYS[1], node)
   redis.call('DEL', KEYS[2])
@@ -75,8 +85,11 @@ end
 local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf', 'WITHSCORES')
 local out = {}
 for k = 1, #live, 2 do
-  if live[k] ~= node then
-    out[#out + 1] = {live[k], tonumber(live[k + 1]) - now, redis.call('HGETALL', prefix .. 'node:' .. live[k])}
+  local id, version = live[k], live[k + 1]
+  if id ~= node then
+    local counts = false
+    if known[id] ~= version then counts = redis.call('HGETALL', prefix .. 'node:' .. id) end
+    out[#out + 1] = {id, version, tonumber(version) - now, counts}
   end
 end
 return out
@@ -105,21 +118,23 @@ impl Keys {
     }
 }
 
-/// One node's reply: (node id, ms its report still counts, room → count).
-pub type Reply = Vec<(String, i64, HashMap<String, u64>)>;
+/// Per other node: (node id, version, ms its report still counts, room →
+/// count unless known).
+pub type Reply = Vec<(String, String, i64, Option<HashMap<String, u64>>)>;
 
 /// The script invocation for `report` by `node`.
 pub fn exchange(keys: &Keys, node: &str, report: &Report<'_>) -> redis::Cmd {
     let ms = |d: Duration| d.as_millis().max(1) as u64;
-    let (mode, rooms, fresh, watch): (&str, &[(&str, u64)], Duration, Option<&Watch>) = match report
-    {
-        Report::Read => ("read", &[], Duration::ZERO, None),
+    let none: (&[(&str, u64)], Duration) = (&[], Duration::ZERO);
+    let (mode, (rooms, fresh), watch, known): (_, _, Option<&Watch>, Known) = match report {
+        Report::Read { known } => ("read", none, None, known),
         Report::Counts {
             rooms,
             fresh_for,
             watch,
-        } => ("counts", rooms, *fresh_for, Some(watch)),
-        Report::Leaving { watch } => ("leaving", &[], Duration::ZERO, Some(watch)),
+            known,
+        } => ("counts", (rooms, *fresh_for), Some(watch), known),
+        Report::Leaving { watch } => ("leaving", none, Some(watch), &[]),
     };
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(SCRIPT)
@@ -141,6 +156,10 @@ pub fn exchange(keys: &Keys, node: &str, report: &Report<'_>) -> redis::Cmd {
     for (room, secs) in seconds {
         cmd.arg(*room).arg(*secs);
     }
+    cmd.arg(known.len());
+    for (node, version) in known {
+        cmd.arg(*node).arg(*version);
+    }
     cmd
 }
 
@@ -148,7 +167,9 @@ pub fn snapshot(reply: Reply) -> Snapshot {
     Snapshot {
         nodes: reply
             .into_iter()
-            .map(|(_node, fresh_ms, rooms)| NodeCounts {
+            .map(|(node, version, fresh_ms, rooms)| NodeCounts {
+                node,
+                version,
                 fresh_for: Duration::from_millis(fresh_ms.max(0) as u64),
                 rooms,
             })
