@@ -272,9 +272,10 @@ async fn a_node_shutting_down_removes_its_counts_at_once() {
     let hash: i64 = redis.cmd(&["EXISTS", "{roomcast:presence}:node:a"]).await;
     assert_eq!(hash, 0);
     until_online(b.addr, "r", 1).await;
-    // One read of b's (a quarter interval), not a's staleness (1.5 intervals).
+    // About one read of b's (a quarter interval), well within a's staleness
+    // (1.5 intervals; the Redis checks above are what tell the two apart).
     let seen = finished.elapsed();
-    assert!(seen < INTERVAL / 4 + Duration::from_millis(100), "{seen:?}");
+    assert!(seen < INTERVAL, "{seen:?}");
     on_b.presence_until("r", 1).await;
 }
 
