@@ -92,8 +92,10 @@ impl Conn {
         ));
         gw.hub.register(peer.clone());
         gw.metrics.connections_opened.inc();
+        // The welcome goes out before any room or user message can.
         if peer.format == Format::Json {
-            peer.send(&protocol::welcome_frame(&peer.id, &gw.node_id));
+            let user = accepted.identity.as_ref().map(|(i, _)| &*i.user);
+            peer.send(&protocol::welcome_frame(&peer.id, &gw.node_id, user));
         }
         let mut rooms = Vec::with_capacity(accepted.rooms.len());
         for (topic, pin) in accepted.rooms {

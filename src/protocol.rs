@@ -356,17 +356,21 @@ fn text<T: Serialize>(value: &T) -> Bytes {
     ws::text_frame(&json)
 }
 
-pub fn welcome_frame(conn: &str, node: &str) -> Bytes {
+/// The first frame: the connection's id, the node, and the user when authenticated.
+pub fn welcome_frame(conn: &str, node: &str, user: Option<&str>) -> Bytes {
     #[derive(Serialize)]
     struct Welcome<'a> {
         op: &'static str,
         conn: &'a str,
         node: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        user: Option<&'a str>,
     }
     text(&Welcome {
         op: "welcome",
         conn,
         node,
+        user,
     })
 }
 

@@ -67,6 +67,7 @@ async fn a_token_in_the_url_or_a_header_makes_the_sender_its_user_and_info_canno
     let ana = token("ana", json!({"info": {"name": "Ana", "level": 7}}));
     let (mut sender, welcome) = connect(&a, "room=r1", &ana).await;
     let conn = welcome["conn"].as_str().unwrap().to_string();
+    assert_eq!(welcome["user"], "ana");
     // Bob connects with an Authorization header instead (non-browser clients).
     let mut request = b.ws_url("room=r1").into_client_request().unwrap();
     let bearer = format!("Bearer {}", token("bob", json!({})));
