@@ -101,7 +101,10 @@ impl Item<'_> {
         protocol::check_event(&self.event)?;
         let data = self.data.unwrap_or(RawValue::NULL);
         protocol::check_data(data)?;
-        Ok((topic, protocol::json_envelope(&self.event, "", data)))
+        Ok((
+            topic,
+            protocol::json_envelope(&self.event, protocol::Sender::default(), data),
+        ))
     }
 }
 

@@ -75,6 +75,7 @@ pub struct Config {
     pub node_id: String,
     pub bus: BusConfig,
     pub limits: Limits,
+    pub auth: AuthConfig,
     pub api: ApiConfig,
     pub heartbeat: Heartbeat,
     pub presence: PresenceConfig,
@@ -146,6 +147,34 @@ pub struct Limits {
     pub commands: Rate,
 }
 
+/// How clients are authenticated (`[auth]`); see `auth.rs`.
+#[derive(Clone)]
+pub struct AuthConfig {
+    /// `None`: tokens are not accepted, every client is anonymous.
+    pub algorithm: Option<jsonwebtoken::Algorithm>,
+    /// The HS256 secret, or the PEM of the RS256/ES256 public key.
+    pub key: Vec<u8>,
+    pub leeway: Duration,
+    pub anonymous: bool,
+    pub anonymous_send: bool,
+    pub close_on_expiry: bool,
+    pub max_info_bytes: usize,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("algorithm", &self.algorithm)
+            .field("key", &"(redacted)")
+            .field("leeway", &self.leeway)
+            .field("anonymous", &self.anonymous)
+            .field("anonymous_send", &self.anonymous_send)
+            .field("close_on_expiry", &self.close_on_expiry)
+            .field("max_info_bytes", &self.max_info_bytes)
+            .finish()
+    }
+}
+
 /// Who may use `/api/*`.
 #[derive(Clone)]
 pub struct ApiConfig {
@@ -201,6 +230,7 @@ struct Raw {
     node: RawNode,
     bus: RawBus,
     limits: RawLimits,
+    auth: RawAuth,
     api: RawApi,
     heartbeat: RawHeartbeat,
     presence: RawPresence,
@@ -258,6 +288,19 @@ struct RawLimits {
     messages_burst: u32,
     commands_per_second: u32,
     commands_burst: u32,
+}
+
+#[derive(Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    algorithm: String,
+    secret: String,
+    public_key_file: String,
+    leeway: String,
+    anonymous: bool,
+    anonymous_send: bool,
+    close_on_expiry: bool,
+    max_info_bytes: usize,
 }
 
 #[derive(Deserialize, Serialize, Clone)]
@@ -439,6 +482,9 @@ impl Config {
     pub fn to_toml(&self) -> String {
         let mut raw = self.effective.0.clone();
         raw.bus.redis.url = redact_url(&raw.bus.redis.url);
+        if !raw.auth.secret.is_empty() {
+            raw.auth.secret = "REDACTED_SECRET_".repeat(2);
+        }
         // Stand-ins that still read back as keys.
         raw.api.keys = (1..=self.api.keys.len())
             .map(|i| format!("REDACTED_API_KEY_{i}"))
@@ -606,6 +652,7 @@ impl Raw {
                 l.commands_burst,
             )?,
         };
+        let auth = auth(self.auth)?;
         let api = api(self.api)?;
         let heartbeat = Heartbeat {
             interval: nonzero_duration("heartbeat.interval", &self.heartbeat.interval)?,
@@ -635,6 +682,7 @@ impl Raw {
             node_id,
             bus,
             limits,
+            auth,
             api,
             heartbeat,
             presence,
@@ -668,6 +716,83 @@ fn presence(raw: &RawPresence) -> Result<PresenceConfig, ConfigError> {
         throttle: nonzero_duration("presence.throttle", &raw.throttle)?,
         watch_ttl,
     })
+}
+
+/// Shortest HS256 secret accepted (RFC 7518 §3.2: at least the hash size).
+const MIN_HS256_SECRET: usize = 32;
+
+fn auth(raw: RawAuth) -> Result<AuthConfig, ConfigError> {
+    use jsonwebtoken::Algorithm;
+    let algorithm = match raw.algorithm.as_str() {
+        "" => None,
+        "HS256" => Some(Algorithm::HS256),
+        "RS256" => Some(Algorithm::RS256),
+        "ES256" => Some(Algorithm::ES256),
+        other => {
+            return Err(invalid(
+                "auth.algorithm",
+                format!("{other:?} is not one of \"\", \"HS256\", \"RS256\", \"ES256\""),
+            ))
+        }
+    };
+    let key = match algorithm {
+        None => {
+            if !raw.anonymous {
+                return Err(invalid(
+                    "auth.anonymous",
+                    "cannot be false without auth.algorithm: no client could connect",
+                ));
+            }
+            Vec::new()
+        }
+        Some(Algorithm::HS256) => {
+            if !raw.public_key_file.is_empty() {
+                return Err(invalid(
+                    "auth.public_key_file",
+                    "is for RS256 / ES256; HS256 uses auth.secret",
+                ));
+            }
+            if raw.secret.len() < MIN_HS256_SECRET {
+                return Err(invalid(
+                    "auth.secret",
+                    format!("HS256 needs a secret of at least {MIN_HS256_SECRET} bytes"),
+                ));
+            }
+            raw.secret.clone().into_bytes()
+        }
+        Some(_) => {
+            if !raw.secret.is_empty() {
+                return Err(invalid(
+                    "auth.secret",
+                    "is for HS256; RS256 / ES256 use auth.public_key_file",
+                ));
+            }
+            if raw.public_key_file.is_empty() {
+                return Err(invalid(
+                    "auth.public_key_file",
+                    format!("{} needs the PEM file of the public key", raw.algorithm),
+                ));
+            }
+            std::fs::read(&raw.public_key_file).map_err(|e| {
+                invalid(
+                    "auth.public_key_file",
+                    format!("cannot read {:?}: {e}", raw.public_key_file),
+                )
+            })?
+        }
+    };
+    let config = AuthConfig {
+        algorithm,
+        key,
+        leeway: duration("auth.leeway", &raw.leeway)?,
+        anonymous: raw.anonymous,
+        anonymous_send: raw.anonymous_send,
+        close_on_expiry: raw.close_on_expiry,
+        max_info_bytes: positive("auth.max_info_bytes", raw.max_info_bytes)?,
+    };
+    // A key that does not parse is refused now, not at the first client.
+    crate::auth::Verifier::new(&config).map_err(|e| invalid("auth.public_key_file", e))?;
+    Ok(config)
 }
 
 /// Shortest API key accepted.

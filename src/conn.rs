@@ -16,6 +16,7 @@ use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::auth::Identity;
 use crate::gateway::{Admission, Gateway};
 use crate::hub::RoomPin;
 use crate::peer::Peer;
@@ -46,6 +47,8 @@ pub struct Accepted {
     pub format: Format,
     /// Rooms from the URL, already validated, deduplicated and pinned (subscribed).
     pub rooms: Vec<(Topic, RoomPin)>,
+    /// Who the client is (from its token), and its user topic, pinned like the rooms.
+    pub identity: Option<(Identity, RoomPin)>,
 }
 
 /// Serve one connection until it closes.
@@ -92,8 +95,10 @@ impl Conn {
         ));
         gw.hub.register(peer.clone());
         gw.metrics.connections_opened.inc();
+        // The welcome goes out before any room or user message can.
         if peer.format == Format::Json {
-            peer.send(&protocol::welcome_frame(&peer.id, &gw.node_id));
+            let user = accepted.identity.as_ref().map(|(i, _)| &*i.user);
+            peer.send(&protocol::welcome_frame(&peer.id, &gw.node_id, user));
         }
         let mut rooms = Vec::with_capacity(accepted.rooms.len());
         for (topic, pin) in accepted.rooms {
@@ -112,7 +117,16 @@ impl Conn {
             gw.config.limits.read_buffer_bytes,
             accepted.leftover,
         );
-        let session = Session::new(&gw.config.limits, gw.hub.now_ms(), rooms);
+        let identity = accepted.identity.map(|(identity, pin)| {
+            gw.hub.join(&Topic::user(&identity.user), &peer);
+            drop(pin);
+            if gw.config.auth.close_on_expiry {
+                peer.set_token_expires(identity.expires);
+                gw.expiries.schedule(identity.expires, peer.seq);
+            }
+            identity
+        });
+        let session = Session::new(&gw.config.limits, gw.hub.now_ms(), rooms, identity);
         Conn {
             gw,
             peer,
@@ -138,6 +152,9 @@ impl Conn {
             let _ = socket2::SockRef::from(&peer.socket).shutdown(std::net::Shutdown::Both);
             for topic in self.session.rooms() {
                 gw.hub.leave(topic, peer);
+            }
+            if let Some(user) = self.session.user() {
+                gw.hub.leave(&Topic::user(user), peer);
             }
             gw.hub.unregister(peer);
             gw.metrics

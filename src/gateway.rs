@@ -9,8 +9,10 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{AuthError, Identity, Verifier};
 use crate::bus::{Bus, BusError, PublishResult};
 use crate::config::Config;
+use crate::expiry::Expiries;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::peer::Peer;
@@ -41,6 +43,10 @@ pub enum Reply {
 
 pub struct Gateway {
     pub config: Config,
+    /// Verifies client tokens (`None`: `auth.algorithm` is not set).
+    pub verifier: Option<Verifier>,
+    /// Token deadlines of this node's connections.
+    pub expiries: Expiries,
     /// This node's id (resolved from config: never empty).
     pub node_id: String,
     pub hub: Arc<Hub>,
@@ -75,8 +81,15 @@ impl Gateway {
         metrics: Arc<Metrics>,
     ) -> (Self, mpsc::Receiver<Publish>) {
         let (publishes, queue) = mpsc::channel(PUBLISH_QUEUE);
+        // The configuration was checked with the same call when it was loaded.
+        let verifier = Verifier::new(&config.auth).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "auth: cannot build the token verifier; tokens are refused");
+            None
+        });
         let presence = Presence::new(config.presence.clone(), hub.clone(), metrics.clone());
         let gw = Gateway {
+            verifier,
+            expiries: Expiries::default(),
             config,
             node_id,
             hub,
@@ -113,6 +126,21 @@ impl Gateway {
                 Err(current) => n = current,
             }
         }
+    }
+
+    /// Verify a client's token, counting a refusal.
+    pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        let result = match &self.verifier {
+            Some(v) => v.verify(token),
+            None => Err(AuthError::Disabled),
+        };
+        if let Err(e) = &result {
+            self.metrics
+                .auth_failures
+                .with_label_values(&[e.reason()])
+                .inc();
+        }
+        result
     }
 
     /// Ready for traffic: not draining, and the bus is up.

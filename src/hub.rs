@@ -109,7 +109,13 @@ impl Hub {
         } else if !existed {
             let _ = self.subs.send(SubCmd::Subscribe(key));
         }
-        self.metrics.rooms.set(rooms.len() as i64);
+        match (topic.target(), empty, existed) {
+            (Target::Room(_), true, true) => self.metrics.rooms.dec(),
+            (Target::Room(_), false, false) => self.metrics.rooms.inc(),
+            (Target::User(_), true, true) => self.metrics.users.dec(),
+            (Target::User(_), false, false) => self.metrics.users.inc(),
+            _ => {}
+        }
     }
 
     /// Keep `room` subscribed until the pin is dropped: lets a connection's
@@ -257,6 +263,11 @@ impl Hub {
         let mut peers = self.peers.lock();
         peers.remove(&peer.seq);
         self.metrics.connections.set(peers.len() as i64);
+    }
+
+    /// The connected client with this sequence number.
+    pub fn peer(&self, seq: u64) -> Option<Arc<Peer>> {
+        self.peers.lock().get(&seq).cloned()
     }
 
     /// Every connected client, for shutdown.

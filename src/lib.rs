@@ -45,10 +45,12 @@
 //! everything else is internal to the crate.
 
 pub(crate) mod api;
+pub(crate) mod auth;
 pub(crate) mod bus;
 pub mod config;
 pub(crate) mod conn;
 pub mod error;
+pub(crate) mod expiry;
 pub(crate) mod gateway;
 pub(crate) mod heartbeat;
 pub(crate) mod hub;

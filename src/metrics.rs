@@ -23,6 +23,10 @@ pub struct Metrics {
     pub connections: IntGauge,
     pub connections_opened: IntCounter,
     pub rooms: IntGauge,
+    /// Distinct users (authenticated) with a connection on this node.
+    pub users: IntGauge,
+    pub auth_failures: IntCounterVec,
+    pub token_expiries: IntCounter,
     pub messages_in: IntCounter,
     pub messages_dropped: IntCounterVec,
     pub bus_published: IntCounter,
@@ -86,6 +90,25 @@ impl Metrics {
             rooms: int_gauge(
                 "roomcast_rooms",
                 "Rooms with at least one client on this node",
+            )?,
+            users: int_gauge(
+                "roomcast_users",
+                "Distinct authenticated users with a connection on this node",
+            )?,
+            auth_failures: {
+                let c = counter_vec(
+                    "roomcast_auth_failures_total",
+                    "Tokens refused (at the upgrade or in a refresh), by reason",
+                    "reason",
+                )?;
+                for reason in crate::auth::AuthError::REASONS {
+                    c.with_label_values(&[reason]);
+                }
+                c
+            },
+            token_expiries: counter(
+                "roomcast_token_expiries_total",
+                "Connections closed (4003) because their token expired without a refresh",
             )?,
             messages_in: counter(
                 "roomcast_messages_in_total",

@@ -58,6 +58,8 @@ pub struct Peer {
     pub wake: Notify,
     /// Milliseconds since the hub's epoch when the client last sent anything.
     last_seen: AtomicU64,
+    /// `exp` (Unix seconds) of the client's token; 0: no token.
+    token_expires: AtomicU64,
     queue_limit: usize,
     out: Mutex<Outbox>,
 }
@@ -132,6 +134,7 @@ impl Peer {
             socket,
             wake: Notify::new(),
             last_seen: AtomicU64::new(now_ms),
+            token_expires: AtomicU64::new(0),
             queue_limit,
             out: Mutex::new(Outbox::default()),
         }
@@ -228,6 +231,15 @@ impl Peer {
 
     pub fn touch(&self, now_ms: u64) {
         self.last_seen.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// The expiry of the client's current token (0: none).
+    pub fn token_expires(&self) -> u64 {
+        self.token_expires.load(Ordering::Acquire)
+    }
+
+    pub fn set_token_expires(&self, exp: u64) {
+        self.token_expires.store(exp, Ordering::Release);
     }
 
     pub fn last_seen(&self) -> u64 {

@@ -65,7 +65,7 @@ pub fn json_depth_within(json: &str, max: usize) -> bool {
 /// a parser's message quotes) may be all quotes, backslashes or control
 /// characters, which JSON escapes to 2 or 6 bytes each (found by the
 /// `json_request` fuzz target: 200 backslashes made a 345-byte error frame).
-fn brief(message: &str) -> Cow<'_, str> {
+pub(crate) fn brief(message: &str) -> Cow<'_, str> {
     let mut escaped = 0;
     for (i, c) in message.char_indices() {
         escaped += match c {
@@ -169,6 +169,10 @@ pub struct ClientFrame<'a> {
     #[serde(borrow, default)]
     pub room: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
+    pub to: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub token: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
     pub event: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     pub data: Option<&'a RawValue>,
@@ -189,6 +193,16 @@ pub enum Request<'a> {
         room: Cow<'a, str>,
         event: Cow<'a, str>,
         data: &'a RawValue,
+    },
+    /// A message to every connection of a user (`"to"` instead of `"room"`).
+    SendToUser {
+        user: Cow<'a, str>,
+        event: Cow<'a, str>,
+        data: &'a RawValue,
+    },
+    /// Replace the connection's token.
+    Refresh {
+        token: Cow<'a, str>,
     },
     Ping,
 }
@@ -215,7 +229,7 @@ pub fn parse_request<'a>(text: &'a str) -> Result<(Option<u64>, Request<'a>), Re
     let op = frame
         .op
         .ok_or_else(|| Rejection::new(id, ErrorCode::BadFrame, "missing field `op`"))?;
-    let room = |room: Option<Cow<'a, str>>| -> Result<Cow<'a, str>, Rejection> {
+    let room_of = |room: Option<Cow<'a, str>>| -> Result<Cow<'a, str>, Rejection> {
         let room =
             room.ok_or_else(|| Rejection::new(id, ErrorCode::BadFrame, "missing field `room`"))?;
         check_room(&room).map_err(|r| r.with_id(id))?;
@@ -223,27 +237,48 @@ pub fn parse_request<'a>(text: &'a str) -> Result<(Option<u64>, Request<'a>), Re
     };
     let request = match op.as_ref() {
         "join" => Request::Join {
-            room: room(frame.room)?,
+            room: room_of(frame.room)?,
         },
         "leave" => Request::Leave {
-            room: room(frame.room)?,
+            room: room_of(frame.room)?,
         },
         "send" => {
-            let room = room(frame.room)?;
             let event = frame
                 .event
                 .ok_or_else(|| Rejection::new(id, ErrorCode::BadFrame, "missing field `event`"))?;
             check_event(&event).map_err(|r| r.with_id(id))?;
             let data = frame.data.unwrap_or(RawValue::NULL);
             check_data(data).map_err(|r| r.with_id(id))?;
-            Request::Send { room, event, data }
+            match (frame.room, frame.to) {
+                (room, None) => Request::Send {
+                    room: room_of(room)?,
+                    event,
+                    data,
+                },
+                (None, Some(user)) => {
+                    check_user(&user).map_err(|r| r.with_id(id))?;
+                    Request::SendToUser { user, event, data }
+                }
+                (Some(_), Some(_)) => {
+                    return Err(Rejection::new(
+                        id,
+                        ErrorCode::BadFrame,
+                        "give `room` or `to`, not both",
+                    ))
+                }
+            }
         }
+        "refresh" => Request::Refresh {
+            token: frame
+                .token
+                .ok_or_else(|| Rejection::new(id, ErrorCode::BadFrame, "missing field `token`"))?,
+        },
         "ping" => Request::Ping,
         other => {
             return Err(Rejection::new(
                 id,
                 ErrorCode::UnknownOp,
-                format!("unknown op {other:?}; expected join, leave, send or ping"),
+                format!("unknown op {other:?}; expected join, leave, send, refresh or ping"),
             ))
         }
     };
@@ -256,14 +291,17 @@ pub fn parse_request<'a>(text: &'a str) -> Result<(Option<u64>, Request<'a>), Re
 pub struct WsQuery {
     pub format: Format,
     pub rooms: Vec<String>,
+    /// `token=`: the client's JWT (browsers cannot set headers on a WebSocket).
+    pub token: Option<String>,
 }
 
-/// Parse the query string of `GET /ws` (`room=…` repeated, `format=json|raw`).
+/// Parse the query string of `GET /ws` (`room=…` repeated, `format=json|raw`, `token=…`).
 /// Unknown parameters are ignored. Every refusal is an HTTP 400 whose body
 /// carries the rejection's code.
 pub fn parse_ws_query(query: &str, max_rooms: usize) -> Result<WsQuery, Rejection> {
     let mut format = Format::Json;
     let mut rooms: Vec<String> = Vec::new();
+    let mut token = None;
     for (key, value) in form_urlencoded::parse(query.as_bytes()) {
         match key.as_ref() {
             "room" => {
@@ -279,6 +317,7 @@ pub fn parse_ws_query(query: &str, max_rooms: usize) -> Result<WsQuery, Rejectio
                     rooms.push(value.into_owned());
                 }
             }
+            "token" => token = Some(value.into_owned()),
             "format" => {
                 format = match value.as_ref() {
                     "json" => Format::Json,
@@ -302,7 +341,11 @@ pub fn parse_ws_query(query: &str, max_rooms: usize) -> Result<WsQuery, Rejectio
             "raw mode needs exactly one room parameter",
         ));
     }
-    Ok(WsQuery { format, rooms })
+    Ok(WsQuery {
+        format,
+        rooms,
+        token,
+    })
 }
 
 // ---- server → client frames (each returns a complete WebSocket text frame) ----
@@ -313,17 +356,21 @@ fn text<T: Serialize>(value: &T) -> Bytes {
     ws::text_frame(&json)
 }
 
-pub fn welcome_frame(conn: &str, node: &str) -> Bytes {
+/// The first frame: the connection's id, the node, and the user when authenticated.
+pub fn welcome_frame(conn: &str, node: &str, user: Option<&str>) -> Bytes {
     #[derive(Serialize)]
     struct Welcome<'a> {
         op: &'static str,
         conn: &'a str,
         node: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        user: Option<&'a str>,
     }
     text(&Welcome {
         op: "welcome",
         conn,
         node,
+        user,
     })
 }
 
@@ -396,6 +443,12 @@ pub struct Envelope<'a> {
     pub event: Cow<'a, str>,
     #[serde(borrow, default)]
     pub from: Cow<'a, str>,
+    /// The sending connection (client sends only).
+    #[serde(borrow, default, skip_serializing_if = "str::is_empty")]
+    pub conn: Cow<'a, str>,
+    /// The sender's `info` claim, for authenticated senders.
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<&'a RawValue>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ts: Option<u64>,
     /// Absent means `null`, as for `POST /api/publish`.
@@ -410,11 +463,23 @@ fn null_data<'a>() -> &'a RawValue {
     RawValue::NULL
 }
 
-/// Encode the envelope of a JSON-mode `send`.
-pub fn json_envelope(event: &str, from: &str, data: &RawValue) -> Bytes {
+/// Who sent a message, as its envelope says: `from` is the user id of an
+/// authenticated sender and the connection id of an anonymous one; `conn`
+/// is always the connection. Backends publish with neither.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sender<'a> {
+    pub from: &'a str,
+    pub conn: &'a str,
+    pub info: Option<&'a RawValue>,
+}
+
+/// Encode the envelope of a JSON-mode `send` (or a backend's publish).
+pub fn json_envelope(event: &str, sender: Sender<'_>, data: &RawValue) -> Bytes {
     let env = Envelope {
         event: Cow::Borrowed(event),
-        from: Cow::Borrowed(from),
+        from: Cow::Borrowed(sender.from),
+        conn: Cow::Borrowed(sender.conn),
+        info: sender.info,
         ts: Some(now_ms()),
         data,
         raw: None,
@@ -423,7 +488,7 @@ pub fn json_envelope(event: &str, from: &str, data: &RawValue) -> Bytes {
 }
 
 /// Encode the envelope of a raw-mode frame (text or binary).
-pub fn raw_envelope(from: &str, payload: &[u8], binary: bool) -> Bytes {
+pub fn raw_envelope(sender: Sender<'_>, payload: &[u8], binary: bool) -> Bytes {
     let data = if binary {
         serde_json::value::to_raw_value(&base64::engine::general_purpose::STANDARD.encode(payload))
     } else {
@@ -435,7 +500,9 @@ pub fn raw_envelope(from: &str, payload: &[u8], binary: bool) -> Bytes {
     };
     let env = Envelope {
         event: Cow::Borrowed("message"),
-        from: Cow::Borrowed(from),
+        from: Cow::Borrowed(sender.from),
+        conn: Cow::Borrowed(sender.conn),
+        info: sender.info,
         ts: Some(now_ms()),
         data: &data,
         raw: Some(Cow::Borrowed(if binary { "binary" } else { "text" })),
@@ -478,6 +545,10 @@ impl Outgoing {
             to: Option<&'a str>,
             event: &'a str,
             from: &'a str,
+            #[serde(skip_serializing_if = "str::is_empty")]
+            conn: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            info: Option<&'a RawValue>,
             ts: u64,
             data: &'a RawValue,
             #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -498,6 +569,8 @@ impl Outgoing {
             to,
             event: &env.event,
             from: &env.from,
+            conn: &env.conn,
+            info: env.info,
             ts: env.ts.unwrap_or_else(now_ms),
             data: env.data,
             binary,
@@ -663,7 +736,15 @@ mod tests {
     #[test]
     fn json_send_reaches_json_and_raw_clients_as_the_msg_frame() {
         let data = serde_json::value::to_raw_value(&serde_json::json!({"t": "hi"})).unwrap();
-        let env = json_envelope("danmaku", "c1", &data);
+        let env = json_envelope(
+            "danmaku",
+            Sender {
+                from: "c1",
+                conn: "c1",
+                info: None,
+            },
+            &data,
+        );
         let out = Outgoing::from_envelope(Target::Room("r1"), &env).unwrap();
         let v: serde_json::Value = serde_json::from_str(payload(&out.json)).unwrap();
         assert_eq!(v["op"], "msg");
@@ -679,7 +760,15 @@ mod tests {
     fn raw_sends_round_trip_byte_for_byte() {
         let out = Outgoing::from_envelope(
             Target::Room("r"),
-            &raw_envelope("c", "héllo \"q\"".as_bytes(), false),
+            &raw_envelope(
+                Sender {
+                    from: "c",
+                    conn: "c",
+                    info: None,
+                },
+                "héllo \"q\"".as_bytes(),
+                false,
+            ),
         )
         .unwrap();
         assert_eq!(payload(&out.raw), "héllo \"q\"");
@@ -688,8 +777,19 @@ mod tests {
         assert_eq!(v["event"], "message");
 
         let bin = [0u8, 159, 146, 150, 255];
-        let out =
-            Outgoing::from_envelope(Target::Room("r"), &raw_envelope("c", &bin, true)).unwrap();
+        let out = Outgoing::from_envelope(
+            Target::Room("r"),
+            &raw_envelope(
+                Sender {
+                    from: "c",
+                    conn: "c",
+                    info: None,
+                },
+                &bin,
+                true,
+            ),
+        )
+        .unwrap();
         let (opcode, body) = ws::split_server_frame(&out.raw).unwrap();
         assert_eq!(opcode, ws::OPCODE_BINARY);
         assert_eq!(body, bin);
@@ -699,8 +799,19 @@ mod tests {
 
     #[test]
     fn concatenated_messages_are_the_frames_back_to_back() {
-        let a =
-            Outgoing::from_envelope(Target::Room("r"), &raw_envelope("c", b"one", false)).unwrap();
+        let a = Outgoing::from_envelope(
+            Target::Room("r"),
+            &raw_envelope(
+                Sender {
+                    from: "c",
+                    conn: "c",
+                    info: None,
+                },
+                b"one",
+                false,
+            ),
+        )
+        .unwrap();
         let b = Outgoing::from_envelope(Target::Room("r"), br#"{"event":"e","data":2}"#).unwrap();
         let both = Outgoing::concat(&[a.clone(), b.clone()]).unwrap();
         assert_eq!(both.json, [&a.json[..], &b.json[..]].concat());

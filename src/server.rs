@@ -30,6 +30,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::{AuthError, Identity};
 use crate::config::Config;
 use crate::conn::{self, Accepted, CLOSE_GRACE};
 use crate::error::{ErrorCode, Rejection};
@@ -40,7 +41,7 @@ use crate::metrics::Metrics;
 use crate::protocol;
 use crate::topic::Topic;
 use crate::ws::close;
-use crate::{api, bus, heartbeat, presence};
+use crate::{api, bus, expiry, heartbeat, presence};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -159,6 +160,9 @@ pub async fn run(
     let (gw, publishes) = Gateway::new(config, node_id, hub, bus, metrics);
     let gw = Arc::new(gw);
     background.spawn(heartbeat::run(gw.clone(), stop.clone()));
+    if gw.config.auth.close_on_expiry {
+        background.spawn(expiry::run(gw.clone(), stop.clone()));
+    }
     background.spawn(gateway::run_publisher(gw.clone(), publishes, stop.clone()));
     // Stopped before the bus, so that its goodbye still gets through.
     let presence_stop = CancellationToken::new();
@@ -387,9 +391,14 @@ async fn upgrade(
         return refuse(ErrorCode::BadRequest, "Sec-WebSocket-Version must be 13");
     }
     let max_rooms = gw.config.limits.max_rooms_per_connection;
-    let (format, rooms) = match protocol::parse_ws_query(req.uri().query().unwrap_or(""), max_rooms)
-    {
-        Ok(q) => (q.format, q.rooms),
+    let (format, rooms, token) =
+        match protocol::parse_ws_query(req.uri().query().unwrap_or(""), max_rooms) {
+            Ok(q) => (q.format, q.rooms, q.token),
+            Err(r) => return refuse_with(&r),
+        };
+    let token = token.or_else(|| bearer(&req).map(str::to_owned));
+    let identity = match authenticate(&gw, token.as_deref(), &rooms) {
+        Ok(identity) => identity,
         Err(r) => return refuse_with(&r),
     };
     // Subscribe the rooms before answering, so the client receives every
@@ -402,7 +411,12 @@ async fn upgrade(
             (topic, pin)
         })
         .collect();
-    if !rooms.is_empty() && !gw.hub.sync().await {
+    // And the user's own topic, for messages to the user.
+    let identity = identity.map(|identity| {
+        let pin = gw.hub.pin(&Topic::user(&identity.user));
+        (identity, pin)
+    });
+    if (!rooms.is_empty() || identity.is_some()) && !gw.hub.sync().await {
         // Dropping the pins undoes the subscriptions.
         return refuse(
             ErrorCode::Unavailable,
@@ -434,6 +448,7 @@ async fn upgrade(
             leftover: parts.read_buf,
             format,
             rooms,
+            identity,
         };
         // A task of its own, so that an idle connection keeps only the
         // connection's state (about 600 bytes), not this upgrade future's too.
@@ -449,6 +464,46 @@ async fn upgrade(
         headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
     }
     resp
+}
+
+/// Who a connecting client is: its token verified (401 `unauthorized` if
+/// it does not verify, or if there is none and `auth.anonymous` is off),
+/// and the rooms of its URL allowed by the token (403 `forbidden`).
+fn authenticate(
+    gw: &Gateway,
+    token: Option<&str>,
+    rooms: &[String],
+) -> Result<Option<Identity>, Rejection> {
+    let unauthorized = |e: AuthError| {
+        Rejection::new(
+            None,
+            ErrorCode::Unauthorized,
+            format!("{}: {e}", e.reason()),
+        )
+    };
+    let Some(token) = token else {
+        if gw.config.auth.anonymous {
+            return Ok(None);
+        }
+        gw.metrics
+            .auth_failures
+            .with_label_values(&[AuthError::Missing.reason()])
+            .inc();
+        return Err(unauthorized(AuthError::Missing));
+    };
+    let identity = gw.verify(token).map_err(unauthorized)?;
+    if let Some(room) = rooms.iter().find(|r| !identity.may_join(r)) {
+        gw.metrics
+            .auth_failures
+            .with_label_values(&["forbidden"])
+            .inc();
+        return Err(Rejection::new(
+            None,
+            ErrorCode::Forbidden,
+            format!("your token does not allow room {room:?}"),
+        ));
+    }
+    Ok(Some(identity))
 }
 
 /// The bearer token of `Authorization`, if the header has one.

@@ -33,6 +33,8 @@ pub mod close {
     pub const SLOW_CONSUMER: u16 = 4001;
     /// The client sent nothing, not even a pong, for `heartbeat.timeout`.
     pub const HEARTBEAT_TIMEOUT: u16 = 4002;
+    /// The connection's token expired and no `refresh` replaced it (`auth.close_on_expiry`).
+    pub const TOKEN_EXPIRED: u16 = 4003;
 }
 
 /// A complete, unmasked server frame: FIN + opcode, length, payload.

@@ -13,8 +13,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use roomcast::protocol::{
-    error_frame, json_depth_within, parse_request, valid_room, Request, MAX_ERROR_MESSAGE,
-    MAX_EVENT_LEN, MAX_JSON_DEPTH,
+    error_frame, json_depth_within, parse_request, valid_room, valid_user, Request,
+    MAX_ERROR_MESSAGE, MAX_EVENT_LEN, MAX_JSON_DEPTH,
 };
 use roomcast::ws;
 use serde_json::value::RawValue;
@@ -57,6 +57,25 @@ fuzz_target!(|data: &[u8]| {
                     );
                     assert!(json_depth_within(data.get(), MAX_JSON_DEPTH));
                     "send"
+                }
+                Request::SendToUser { user, event, data } => {
+                    assert!(valid_user(user), "invalid user {user:?} accepted");
+                    if value.is_some() {
+                        assert_eq!(field("to").as_ref().and_then(|r| r.as_str()), Some(&**user));
+                        assert!(field("room").is_none_or(|r| r.is_null()));
+                    }
+                    assert!(!event.is_empty() && event.len() <= MAX_EVENT_LEN);
+                    assert!(json_depth_within(data.get(), MAX_JSON_DEPTH));
+                    "send"
+                }
+                Request::Refresh { token } => {
+                    if value.is_some() {
+                        assert_eq!(
+                            field("token").as_ref().and_then(|t| t.as_str()),
+                            Some(&**token)
+                        );
+                    }
+                    "refresh"
                 }
                 Request::Ping => "ping",
             };

@@ -9,9 +9,23 @@ use crate::topic::Topic;
 /// is in effect on the bus); while the bus is down the join is undone and
 /// refused with `unavailable`. After the ack, a `presence` frame: how many
 /// are in the room now. Joining a room twice is acked and changes nothing.
+/// A token with a `rooms` claim allows only the rooms it names (`forbidden`
+/// otherwise).
 pub(super) async fn run(session: &mut Session, link: &impl Link, id: Option<u64>, room: &str) {
     if session.room(room).is_some() {
         return ack(link, id);
+    }
+    if let Some(identity) = session.identity.as_deref() {
+        if !identity.may_join(room) {
+            return reject(
+                link,
+                Rejection::new(
+                    id,
+                    ErrorCode::Forbidden,
+                    format!("your token does not allow room {room:?}"),
+                ),
+            );
+        }
     }
     let max = link.limits().max_rooms_per_connection;
     if session.rooms.len() >= max {
@@ -46,8 +60,30 @@ pub(super) async fn run(session: &mut Session, link: &impl Link, id: Option<u64>
 mod tests {
     use serde_json::json;
 
-    use crate::session::testing::{now, Recorder};
+    use crate::auth::RoomPattern;
+    use crate::session::testing::{identity, now, Recorder};
     use crate::topic::Topic;
+
+    #[test]
+    fn a_token_with_rooms_allows_only_those() {
+        let link = Recorder::new();
+        let mut id = identity("u1");
+        id.rooms = Some(vec![RoomPattern::Prefix("live:".into())]);
+        let mut s = link.session_as(id);
+        now(s.json(&link, br#"{"op":"join","room":"live:1","id":1}"#));
+        now(s.json(&link, br#"{"op":"join","room":"dm:1","id":2}"#));
+        let replies: Vec<_> = link
+            .take_replies()
+            .into_iter()
+            .filter(|r| r["op"] != "presence")
+            .collect();
+        assert_eq!(replies[0]["op"], "ack");
+        assert_eq!(
+            (replies[1]["code"].as_str(), replies[1]["id"].as_u64()),
+            (Some("forbidden"), Some(2))
+        );
+        assert_eq!(s.rooms(), [Topic::room("live:1")]);
+    }
 
     #[test]
     fn a_join_is_acked_once_in_effect_and_a_second_join_changes_nothing() {

@@ -1,8 +1,8 @@
 //! A client's session: what the node knows about one connection (its
 //! rooms, its flood-control buckets, and — with auth — who it is) and one
 //! small function per operation it may ask for, each in its own file:
-//! [`join`], [`leave`], [`send`], [`ping`] (JSON requests) and [`raw`]
-//! (raw-mode frames).
+//! [`join`], [`leave`], [`send`] (to a room or a user), [`refresh`] (a new
+//! token), [`ping`] (JSON requests) and [`raw`] (raw-mode frames).
 //!
 //! A session never touches a socket. It acts through a [`Link`]: the node
 //! (hub, bus, metrics) and its own client's outbound queue. The connection
@@ -13,13 +13,15 @@ mod join;
 mod leave;
 mod ping;
 mod raw;
+mod refresh;
 mod send;
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::config::Limits;
+use crate::auth::{AuthError, Identity};
+use crate::config::{AuthConfig, Limits};
 use crate::error::{ErrorCode, Rejection};
 use crate::gateway::{Gateway, Publish, Reply};
 use crate::limit::TokenBucket;
@@ -30,6 +32,11 @@ use crate::topic::{Target, Topic};
 /// What a session needs from the rest of the node.
 pub(crate) trait Link {
     fn limits(&self) -> &Limits;
+    fn auth(&self) -> &AuthConfig;
+    /// Verify a token (refusals are counted).
+    fn verify(&self, token: &str) -> Result<Identity, AuthError>;
+    /// The connection's token now expires at `exp` (Unix seconds).
+    fn token_expires(&self, exp: u64);
     /// Milliseconds on the node's clock (rate limits).
     fn now_ms(&self) -> u64;
     /// This connection's id (`from` of what it sends).
@@ -56,6 +63,9 @@ pub(crate) trait Link {
 pub(crate) struct Session {
     /// The rooms it is in, in join order (raw mode: exactly one).
     rooms: Vec<Topic>,
+    /// Who it is, from its token; `None`: anonymous. Boxed: most viewers
+    /// of a big room are anonymous, and pay 8 bytes for it.
+    identity: Option<Box<Identity>>,
     /// Flood control on what this client publishes (`limits.messages_*`)…
     messages: TokenBucket,
     /// …and on its other requests (`limits.commands_*`).
@@ -63,18 +73,61 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    /// A session already in `rooms` (joined by the caller).
-    pub fn new(limits: &Limits, now_ms: u64, rooms: Vec<Topic>) -> Session {
+    /// A session already in `rooms` (joined by the caller), as `identity`.
+    pub fn new(
+        limits: &Limits,
+        now_ms: u64,
+        rooms: Vec<Topic>,
+        identity: Option<Identity>,
+    ) -> Session {
         Session {
             rooms,
+            identity: identity.map(Box::new),
             messages: TokenBucket::new(limits.messages, now_ms),
             commands: TokenBucket::new(limits.commands, now_ms),
         }
     }
 
-    /// The topics to leave when the connection ends.
+    /// The rooms to leave when the connection ends.
     pub fn rooms(&self) -> &[Topic] {
         &self.rooms
+    }
+
+    /// The authenticated user, if any.
+    pub fn user(&self) -> Option<&str> {
+        self.identity.as_deref().map(|i| &*i.user)
+    }
+
+    /// Who its messages are from: its user (with the user's `info`) when
+    /// authenticated, else its connection.
+    fn sender<'a>(&'a self, conn: &'a str) -> protocol::Sender<'a> {
+        match self.identity.as_deref() {
+            Some(identity) => protocol::Sender {
+                from: &identity.user,
+                conn,
+                info: identity.info.as_deref(),
+            },
+            None => protocol::Sender {
+                from: conn,
+                conn,
+                info: None,
+            },
+        }
+    }
+
+    /// May it publish (to rooms and users)? `forbidden` if not.
+    fn may_send(&self, link: &impl Link, id: Option<u64>) -> Result<(), Rejection> {
+        let (allowed, why) = match self.identity.as_deref() {
+            Some(identity) => (identity.can_send, "your token does not allow sending"),
+            None => (
+                link.auth().anonymous_send,
+                "anonymous connections may only watch here: connect with a token to send",
+            ),
+        };
+        match allowed {
+            true => Ok(()),
+            false => Err(Rejection::new(id, ErrorCode::Forbidden, why)),
+        }
     }
 
     /// Where the joined room named `room` is in [`Session::rooms`].
@@ -112,6 +165,10 @@ impl Session {
             Request::Send { room, event, data } => {
                 send::run(self, link, id, &room, &event, data).await
             }
+            Request::SendToUser { user, event, data } => {
+                send::to_user(self, link, id, &user, &event, data).await
+            }
+            Request::Refresh { token } => refresh::run(self, link, id, &token),
             Request::Ping => ping::run(link, id),
         }
     }
@@ -138,7 +195,7 @@ impl Session {
         let limits = link.limits();
         let now = link.now_ms();
         let (allowed, what, rate) = match request {
-            Request::Send { .. } => (
+            Request::Send { .. } | Request::SendToUser { .. } => (
                 self.messages.allow(limits.messages, now),
                 "messages",
                 limits.messages.per_second,
@@ -182,6 +239,21 @@ pub(crate) struct NodeLink<'a> {
 impl Link for NodeLink<'_> {
     fn limits(&self) -> &Limits {
         &self.gw.config.limits
+    }
+
+    fn auth(&self) -> &AuthConfig {
+        &self.gw.config.auth
+    }
+
+    fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        self.gw.verify(token)
+    }
+
+    fn token_expires(&self, exp: u64) {
+        if self.gw.config.auth.close_on_expiry {
+            self.peer.set_token_expires(exp);
+            self.gw.expiries.schedule(exp, self.peer.seq);
+        }
     }
 
     fn now_ms(&self) -> u64 {
@@ -251,6 +323,10 @@ pub(crate) mod testing {
 
     pub struct Recorder {
         pub limits: Limits,
+        pub auth: AuthConfig,
+        /// What `verify` answers.
+        pub tokens: RefCell<Vec<(&'static str, Result<Identity, AuthError>)>>,
+        pub expires: std::cell::Cell<u64>,
         pub now: std::cell::Cell<u64>,
         /// What `synced` answers: the bus is up.
         pub bus_up: bool,
@@ -277,6 +353,17 @@ pub(crate) mod testing {
                     messages: unlimited,
                     commands: unlimited,
                 },
+                auth: AuthConfig {
+                    algorithm: None,
+                    key: Vec::new(),
+                    leeway: std::time::Duration::ZERO,
+                    anonymous: true,
+                    anonymous_send: true,
+                    close_on_expiry: true,
+                    max_info_bytes: 512,
+                },
+                tokens: RefCell::default(),
+                expires: 0.into(),
                 now: 0.into(),
                 bus_up: true,
                 replies: RefCell::default(),
@@ -288,7 +375,12 @@ pub(crate) mod testing {
         }
 
         pub fn session(&self) -> Session {
-            Session::new(&self.limits, self.now.get(), Vec::new())
+            Session::new(&self.limits, self.now.get(), Vec::new(), None)
+        }
+
+        /// A session authenticated as `identity`.
+        pub fn session_as(&self, identity: Identity) -> Session {
+            Session::new(&self.limits, self.now.get(), Vec::new(), Some(identity))
         }
 
         /// The replies so far, taken.
@@ -302,9 +394,31 @@ pub(crate) mod testing {
         serde_json::from_slice(payload).expect("JSON")
     }
 
+    /// An identity for tests.
+    pub fn identity(user: &str) -> Identity {
+        Identity {
+            user: user.into(),
+            rooms: None,
+            can_send: true,
+            info: None,
+            expires: 1000,
+        }
+    }
+
     impl Link for Recorder {
         fn limits(&self) -> &Limits {
             &self.limits
+        }
+        fn auth(&self) -> &AuthConfig {
+            &self.auth
+        }
+        fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+            let tokens = self.tokens.borrow();
+            let found = tokens.iter().find(|(t, _)| *t == token);
+            found.map_or(Err(AuthError::Malformed), |(_, r)| r.clone())
+        }
+        fn token_expires(&self, exp: u64) {
+            self.expires.set(exp);
         }
         fn now_ms(&self) -> u64 {
             self.now.get()

@@ -4,19 +4,23 @@ use super::{Link, Session};
 use crate::gateway::Reply;
 use crate::protocol;
 
-/// Rate-limited like JSON sends; a frame beyond the rate (or refused by the
-/// bus) is dropped and counted, as a raw client has no error frames.
+/// Rate-limited and permitted like JSON sends; a frame beyond the rate, not
+/// allowed, or refused by the bus is dropped and counted, as a raw client
+/// has no error frames.
 pub(super) async fn run(session: &mut Session, link: &impl Link, payload: &[u8], binary: bool) {
     let Some(topic) = session.rooms.first() else {
         return;
     };
+    if session.may_send(link, None).is_err() {
+        return link.dropped("forbidden");
+    }
     if !session
         .messages
         .allow(link.limits().messages, link.now_ms())
     {
         return link.dropped("rate_limited");
     }
-    let envelope = protocol::raw_envelope(link.conn_id(), payload, binary);
+    let envelope = protocol::raw_envelope(session.sender(link.conn_id()), payload, binary);
     link.publish(topic.clone(), envelope, Reply::Raw).await;
 }
 
@@ -34,7 +38,7 @@ mod tests {
             per_second: 1,
             burst: 1,
         };
-        let mut s = Session::new(&link.limits, 0, vec![Topic::room("r")]);
+        let mut s = Session::new(&link.limits, 0, vec![Topic::room("r")], None);
         now(s.raw(&link, b"hi", false));
         now(s.raw(&link, b"again", false));
         let published = link.published.borrow();

@@ -5,6 +5,7 @@ mod util;
 
 mod abuse;
 mod api;
+mod auth;
 mod canary;
 mod cluster;
 mod config;

@@ -153,8 +153,12 @@ impl Redis {
 
     /// Subscribers of one room's channel, across all nodes.
     pub async fn numsub(&self, room: &str) -> i64 {
-        let channel = format!("roomcast:room:{room}");
-        let reply: Vec<redis::Value> = self.cmd(&["PUBSUB", "NUMSUB", &channel]).await;
+        self.channel_numsub(&format!("roomcast:room:{room}")).await
+    }
+
+    /// Subscribers of a channel, across all nodes.
+    pub async fn channel_numsub(&self, channel: &str) -> i64 {
+        let reply: Vec<redis::Value> = self.cmd(&["PUBSUB", "NUMSUB", channel]).await;
         match reply.get(1) {
             Some(redis::Value::Int(n)) => *n,
             other => panic!("unexpected NUMSUB reply {other:?}"),
