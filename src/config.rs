@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::limit::Rate;
+use crate::namespace::{Defaults, Namespaces, RawNamespace, RawRate};
 
 /// The defaults, compiled in so the binary runs without any file.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -77,6 +78,10 @@ pub struct Config {
     pub limits: Limits,
     pub auth: AuthConfig,
     pub api: ApiConfig,
+    /// Rules per room-name prefix, resolved with the defaults.
+    pub namespaces: Namespaces,
+    /// How long aggregated events are summed before they are published.
+    pub aggregate_window: Duration,
     pub heartbeat: Heartbeat,
     pub presence: PresenceConfig,
     /// Period over which clients are closed on shutdown.
@@ -110,6 +115,10 @@ pub struct ServerConfig {
     pub body_timeout: Duration,
     /// HTTP connections not (yet) upgraded at once; beyond, the oldest is dropped.
     pub max_pending_connections: usize,
+    /// Browser origins allowed to open WebSockets (empty: any).
+    pub allowed_origins: Vec<String>,
+    /// Load balancers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -145,6 +154,14 @@ pub struct Limits {
     pub messages: Rate,
     /// What one connection may ask besides publishing (JSON `join`, `leave`, `ping`).
     pub commands: Rate,
+    /// What one user may publish across its connections on the node.
+    pub user_messages: Rate,
+    /// New connections per second on the node.
+    pub connections: Rate,
+    /// Connections per client address (0: no limit).
+    pub max_connections_per_ip: usize,
+    /// Refusals in a row before a connection is closed with 4004 (0: never).
+    pub abuse_threshold: u32,
 }
 
 /// How clients are authenticated (`[auth]`); see `auth.rs`.
@@ -226,12 +243,15 @@ pub struct LogConfig {
 #[derive(Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields)]
 struct Raw {
+    #[serde(default)]
+    namespaces: Vec<RawNamespace>,
     server: RawServer,
     node: RawNode,
     bus: RawBus,
     limits: RawLimits,
     auth: RawAuth,
     api: RawApi,
+    aggregate: RawAggregate,
     heartbeat: RawHeartbeat,
     presence: RawPresence,
     shutdown: RawShutdown,
@@ -247,6 +267,8 @@ struct RawServer {
     handshake_timeout: String,
     body_timeout: String,
     max_pending_connections: usize,
+    allowed_origins: String,
+    trusted_proxies: String,
 }
 
 #[derive(Deserialize, Serialize, Clone)]
@@ -288,6 +310,21 @@ struct RawLimits {
     messages_burst: u32,
     commands_per_second: u32,
     commands_burst: u32,
+    #[serde(default)]
+    events: std::collections::BTreeMap<String, RawRate>,
+    user_messages_per_second: u32,
+    user_messages_burst: u32,
+    connections_per_second: u32,
+    connections_burst: u32,
+    max_connections_per_ip: usize,
+    abuse_threshold: u32,
+}
+
+#[derive(Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawAggregate {
+    events: Vec<String>,
+    window: String,
 }
 
 #[derive(Deserialize, Serialize, Clone)]
@@ -560,6 +597,18 @@ impl Raw {
             handshake_timeout: nonzero_duration("server.handshake_timeout", &s.handshake_timeout)?,
             body_timeout: nonzero_duration("server.body_timeout", &s.body_timeout)?,
             max_pending_connections: s.max_pending_connections,
+            allowed_origins: list(&s.allowed_origins),
+            trusted_proxies: list(&s.trusted_proxies)
+                .iter()
+                .map(|ip| {
+                    ip.parse().map_err(|_| {
+                        invalid(
+                            "server.trusted_proxies",
+                            format!("{ip:?} is not an IP address"),
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?,
         };
         let node_id = self.node.id;
         if node_id.len() > 64
@@ -632,6 +681,7 @@ impl Raw {
             }
         };
         let l = self.limits;
+        let l_events = l.events.clone();
         let limits = Limits {
             max_connections: l.max_connections,
             max_message_bytes: positive("limits.max_message_bytes", l.max_message_bytes)?,
@@ -651,8 +701,41 @@ impl Raw {
                 l.commands_per_second,
                 l.commands_burst,
             )?,
+            user_messages: rate(
+                "limits.user_messages_burst",
+                l.user_messages_per_second,
+                l.user_messages_burst,
+            )?,
+            connections: rate(
+                "limits.connections_burst",
+                l.connections_per_second,
+                l.connections_burst,
+            )?,
+            max_connections_per_ip: l.max_connections_per_ip,
+            abuse_threshold: l.abuse_threshold,
         };
         let auth = auth(self.auth)?;
+        for event in &self.aggregate.events {
+            if event.is_empty() || event.len() > crate::protocol::MAX_EVENT_LEN {
+                return Err(invalid(
+                    "aggregate.events",
+                    format!("{event:?} is not an event name (1-128 bytes)"),
+                ));
+            }
+        }
+        let aggregate_window = nonzero_duration("aggregate.window", &self.aggregate.window)?;
+        let namespaces = Namespaces::new(
+            Defaults {
+                anonymous_join: auth.anonymous,
+                anonymous_send: auth.anonymous_send,
+                max_message_bytes: limits.max_message_bytes,
+                messages: limits.messages,
+                aggregate: &self.aggregate.events,
+                events: &l_events,
+            },
+            &self.namespaces,
+        )
+        .map_err(|(key, message)| invalid(&key, message))?;
         let api = api(self.api)?;
         let heartbeat = Heartbeat {
             interval: nonzero_duration("heartbeat.interval", &self.heartbeat.interval)?,
@@ -684,6 +767,8 @@ impl Raw {
             limits,
             auth,
             api,
+            namespaces,
+            aggregate_window,
             heartbeat,
             presence,
             drain: duration("shutdown.drain", &self.shutdown.drain)?,
@@ -716,6 +801,16 @@ fn presence(raw: &RawPresence) -> Result<PresenceConfig, ConfigError> {
         throttle: nonzero_duration("presence.throttle", &raw.throttle)?,
         watch_ttl,
     })
+}
+
+/// The non-empty entries of a comma-separated list.
+fn list(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Shortest HS256 secret accepted (RFC 7518 §3.2: at least the hash size).

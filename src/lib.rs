@@ -58,6 +58,7 @@ pub(crate) mod limit;
 pub(crate) mod listener;
 pub(crate) mod members;
 pub(crate) mod metrics;
+pub mod namespace;
 pub(crate) mod peer;
 pub(crate) mod presence;
 pub mod protocol;

@@ -1,0 +1,295 @@
+//! Namespaces: rules for rooms by name prefix (`live:`, `dm:`, …) that
+//! override the node's defaults — who may join and send, rate limits per
+//! event, aggregated events, the largest message.
+//!
+//! Rules are resolved once per request from the room name (longest prefix
+//! wins; no match: the defaults), never per delivered message: nothing here
+//! is on the fan-out path.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::limit::Rate;
+use crate::protocol::valid_room;
+
+/// One `[[namespaces]]` entry as written; every field but `prefix` is
+/// optional and falls back to the defaults.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNamespace {
+    pub prefix: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anonymous_join: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anonymous_send: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_send: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_message_bytes: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages_per_second: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages_burst: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregate: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub events: BTreeMap<String, RawRate>,
+}
+
+/// A rate as written: `{ per_second = 2, burst = 5 }`.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRate {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+/// The rules for one set of rooms.
+#[derive(Debug, Clone)]
+pub struct Namespace {
+    /// `""` for the defaults.
+    pub prefix: String,
+    /// Anonymous connections may join its rooms.
+    pub anonymous_join: bool,
+    /// Anonymous connections may send to its rooms.
+    pub anonymous_send: bool,
+    /// Clients may send at all (false: only backends publish here).
+    pub client_send: bool,
+    /// Largest `data` of a send, in bytes.
+    pub max_message_bytes: usize,
+    /// Sends per connection to its rooms, for events without a rate of their own.
+    pub messages: Rate,
+    /// Events summed per window instead of delivered one by one.
+    pub aggregate: Vec<String>,
+    /// Events with a rate of their own: (event, rate, rule id).
+    pub events: Vec<(String, Rate, usize)>,
+}
+
+impl Namespace {
+    pub fn aggregates(&self, event: &str) -> bool {
+        self.aggregate.iter().any(|e| e == event)
+    }
+
+    /// The rate and rule id of `event` here, if it has its own.
+    pub fn event_rate(&self, event: &str) -> Option<(Rate, usize)> {
+        self.events
+            .iter()
+            .find(|(e, _, _)| e == event)
+            .map(|(_, rate, id)| (*rate, *id))
+    }
+}
+
+/// The defaults and every namespace, longest prefix first.
+#[derive(Debug, Clone)]
+pub struct Namespaces {
+    defaults: Namespace,
+    rules: Vec<Namespace>,
+    /// Distinct per-event rules (their ids index per-connection buckets).
+    pub event_rules: usize,
+}
+
+/// What a namespace falls back to.
+pub struct Defaults<'a> {
+    pub anonymous_join: bool,
+    pub anonymous_send: bool,
+    pub max_message_bytes: usize,
+    pub messages: Rate,
+    pub aggregate: &'a [String],
+    pub events: &'a BTreeMap<String, RawRate>,
+}
+
+impl Namespaces {
+    /// Check and resolve the rules; the error is (key, message) for config.rs.
+    pub fn new(defaults: Defaults<'_>, raw: &[RawNamespace]) -> Result<Namespaces, (String, String)> {
+        let mut next_rule = 0;
+        let mut events = |key: &str,
+                          list: &BTreeMap<String, RawRate>|
+         -> Result<Vec<(String, Rate, usize)>, (String, String)> {
+            let mut out = Vec::new();
+            for (event, r) in list {
+                if event.is_empty() || event.len() > crate::protocol::MAX_EVENT_LEN {
+                    return Err((key.to_owned(), format!("{event:?} is not an event name (1-128 bytes)")));
+                }
+                if r.per_second > 0 && r.burst == 0 {
+                    return Err((format!("{key}.{event}.burst"), "must be at least 1 when per_second is set".into()));
+                }
+                out.push((
+                    event.clone(),
+                    Rate {
+                        per_second: r.per_second,
+                        burst: r.burst,
+                    },
+                    next_rule,
+                ));
+                next_rule += 1;
+            }
+            Ok(out)
+        };
+        let default_events = events("limits.events", defaults.events)?;
+        let base = Namespace {
+            prefix: String::new(),
+            anonymous_join: defaults.anonymous_join,
+            anonymous_send: defaults.anonymous_send,
+            client_send: true,
+            max_message_bytes: defaults.max_message_bytes,
+            messages: defaults.messages,
+            aggregate: defaults.aggregate.to_vec(),
+            events: default_events,
+        };
+        let mut rules: Vec<Namespace> = Vec::new();
+        for (i, ns) in raw.iter().enumerate() {
+            let key = |field: &str| format!("namespaces[{i}].{field}");
+            let valid_prefix = !ns.prefix.is_empty()
+                && ns.prefix.len() < crate::protocol::MAX_ROOM_LEN
+                && valid_room(&ns.prefix);
+            if !valid_prefix {
+                return Err((key("prefix"), format!("{:?} is not a room-name prefix (1-127 characters of A-Z a-z 0-9 _ - . : @)", ns.prefix)));
+            }
+            if let Some(other) = rules.iter().position(|r| r.prefix == ns.prefix) {
+                return Err((key("prefix"), format!("{:?} is also the prefix of namespaces[{other}]", ns.prefix)));
+            }
+            if ns.anonymous_send == Some(true) && ns.anonymous_join == Some(false) {
+                return Err((key("anonymous_send"), "anonymous connections cannot send where they may not join".into()));
+            }
+            if ns.max_message_bytes == Some(0) {
+                return Err((key("max_message_bytes"), "must be greater than 0".into()));
+            }
+            let messages = match (ns.messages_per_second, ns.messages_burst) {
+                (None, None) => base.messages,
+                (Some(per_second), burst) => {
+                    let burst = burst.unwrap_or(per_second);
+                    if per_second > 0 && burst == 0 {
+                        return Err((key("messages_burst"), "must be at least 1 when messages_per_second is set".into()));
+                    }
+                    Rate { per_second, burst }
+                }
+                (None, Some(_)) => {
+                    return Err((key("messages_burst"), "needs messages_per_second".into()))
+                }
+            };
+            // An event rate of the defaults applies here unless overridden.
+            let mut own = events(&key("events"), &ns.events)?;
+            for inherited in &base.events {
+                if !own.iter().any(|(e, _, _)| *e == inherited.0) {
+                    own.push(inherited.clone());
+                }
+            }
+            rules.push(Namespace {
+                prefix: ns.prefix.clone(),
+                anonymous_join: ns.anonymous_join.unwrap_or(base.anonymous_join),
+                anonymous_send: ns.anonymous_send.unwrap_or(base.anonymous_send),
+                client_send: ns.client_send.unwrap_or(true),
+                max_message_bytes: ns.max_message_bytes.unwrap_or(base.max_message_bytes),
+                messages,
+                aggregate: ns.aggregate.clone().unwrap_or_else(|| base.aggregate.clone()),
+                events: own,
+            });
+        }
+        rules.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        Ok(Namespaces {
+            defaults: base,
+            rules,
+            event_rules: next_rule,
+        })
+    }
+
+    /// The rules for `room`: the longest matching prefix, else the defaults.
+    pub fn of(&self, room: &str) -> &Namespace {
+        self.rules
+            .iter()
+            .find(|ns| room.starts_with(&ns.prefix))
+            .unwrap_or(&self.defaults)
+    }
+
+    /// Every event that is aggregated somewhere (for metric labels).
+    pub fn aggregated_events(&self) -> Vec<&str> {
+        let mut all: Vec<&str> = std::iter::once(&self.defaults)
+            .chain(&self.rules)
+            .flat_map(|ns| ns.aggregate.iter().map(String::as_str))
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+
+    /// Every event with a rate of its own somewhere (for metric labels).
+    pub fn limited_events(&self) -> Vec<&str> {
+        let mut all: Vec<&str> = std::iter::once(&self.defaults)
+            .chain(&self.rules)
+            .flat_map(|ns| ns.events.iter().map(|(e, _, _)| e.as_str()))
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults(events: &BTreeMap<String, RawRate>) -> Defaults<'_> {
+        Defaults {
+            anonymous_join: true,
+            anonymous_send: true,
+            max_message_bytes: 65536,
+            messages: Rate {
+                per_second: 100,
+                burst: 200,
+            },
+            aggregate: &[],
+            events,
+        }
+    }
+
+    fn raw(prefix: &str) -> RawNamespace {
+        RawNamespace {
+            prefix: prefix.into(),
+            anonymous_join: None,
+            anonymous_send: None,
+            client_send: None,
+            max_message_bytes: None,
+            messages_per_second: None,
+            messages_burst: None,
+            aggregate: None,
+            events: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn the_longest_prefix_wins_and_rules_inherit_the_defaults() {
+        let events = BTreeMap::from([("danmaku".to_string(), RawRate { per_second: 2, burst: 5 })]);
+        let mut live = raw("live:");
+        live.anonymous_send = Some(false);
+        live.aggregate = Some(vec!["like".into()]);
+        let mut vip = raw("live:vip:");
+        vip.anonymous_join = Some(false);
+        vip.events.insert("danmaku".into(), RawRate { per_second: 10, burst: 10 });
+        let ns = Namespaces::new(defaults(&events), &[live, vip]).unwrap();
+        assert_eq!(ns.of("live:1").prefix, "live:");
+        assert!(!ns.of("live:1").anonymous_send && ns.of("live:1").aggregates("like"));
+        assert_eq!(ns.of("live:vip:1").prefix, "live:vip:");
+        assert!(!ns.of("live:vip:1").anonymous_join);
+        assert_eq!(ns.of("live:vip:1").event_rate("danmaku").unwrap().0.per_second, 10);
+        assert_eq!(ns.of("live:1").event_rate("danmaku").unwrap().0.per_second, 2);
+        assert_eq!(ns.of("other").prefix, "");
+        assert!(ns.of("other").event_rate("gift").is_none());
+        assert_eq!(ns.limited_events(), ["danmaku"]);
+    }
+
+    #[test]
+    fn bad_or_conflicting_rules_name_the_key() {
+        let none = BTreeMap::new();
+        let err = |list: &[RawNamespace]| Namespaces::new(defaults(&none), list).unwrap_err().0;
+        assert_eq!(err(&[raw("")]), "namespaces[0].prefix");
+        assert_eq!(err(&[raw("a:"), raw("a:")]), "namespaces[1].prefix");
+        let mut contradiction = raw("x:");
+        contradiction.anonymous_join = Some(false);
+        contradiction.anonymous_send = Some(true);
+        assert_eq!(err(&[contradiction]), "namespaces[0].anonymous_send");
+        let mut burst_only = raw("y:");
+        burst_only.messages_burst = Some(3);
+        assert_eq!(err(&[burst_only]), "namespaces[0].messages_burst");
+    }
+}
