@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::auth::Identity;
-use crate::gateway::{Admission, Gateway};
+use crate::gateway::{Admission, Gateway, IpGuard};
 use crate::hub::RoomPin;
 use crate::peer::Peer;
 use crate::protocol::{self, Format};
@@ -49,6 +49,8 @@ pub struct Accepted {
     pub rooms: Vec<(Topic, RoomPin)>,
     /// Who the client is (from its token), and its user topic, pinned like the rooms.
     pub identity: Option<(Identity, RoomPin)>,
+    /// Its place under `limits.max_connections_per_ip`.
+    pub ip_guard: IpGuard,
 }
 
 /// Serve one connection until it closes.
@@ -72,6 +74,7 @@ struct Conn {
     close_done: bool,
     started: Instant,
     _admission: Admission,
+    _ip_guard: IpGuard,
 }
 
 /// Whether to keep serving after handling input.
@@ -135,6 +138,7 @@ impl Conn {
             close_done: false,
             started: Instant::now(),
             _admission: accepted.admission,
+            _ip_guard: accepted.ip_guard,
         }
     }
 
@@ -154,7 +158,11 @@ impl Conn {
                 gw.hub.leave(topic, peer);
             }
             if let Some(user) = self.session.user() {
-                gw.hub.leave(&Topic::user(user), peer);
+                let topic = Topic::user(user);
+                gw.hub.leave(&topic, peer);
+                if !gw.hub.has_members(&topic) {
+                    gw.forget_user(user);
+                }
             }
             gw.hub.unregister(peer);
             gw.metrics

@@ -43,6 +43,10 @@ pub enum ErrorCode {
     ShuttingDown,
     /// HTTP: the node holds `limits.max_connections`.
     TooManyConnections,
+    /// HTTP: new connections beyond `limits.connections_per_second` (with Retry-After).
+    Busy,
+    /// HTTP: `limits.max_connections_per_ip` from this client address.
+    TooManyConnectionsFromIp,
 }
 
 impl ErrorCode {
@@ -83,6 +87,8 @@ impl ErrorCode {
             ErrorCode::NotWebsocket => "not_websocket",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::TooManyConnections => "too_many_connections",
+            ErrorCode::Busy => "busy",
+            ErrorCode::TooManyConnectionsFromIp => "too_many_connections_from_ip",
         }
     }
 
@@ -103,8 +109,11 @@ impl ErrorCode {
             ErrorCode::TooBig => 413,
             ErrorCode::UnsupportedMediaType => 415,
             ErrorCode::NotWebsocket => 426,
-            ErrorCode::RateLimited => 429,
-            ErrorCode::Unavailable | ErrorCode::ShuttingDown | ErrorCode::TooManyConnections => 503,
+            ErrorCode::RateLimited | ErrorCode::TooManyConnectionsFromIp => 429,
+            ErrorCode::Unavailable
+            | ErrorCode::ShuttingDown
+            | ErrorCode::TooManyConnections
+            | ErrorCode::Busy => 503,
             ErrorCode::Unconfirmed => 504,
         }
     }
@@ -116,6 +125,8 @@ pub struct Rejection {
     pub id: Option<u64>,
     pub code: ErrorCode,
     pub message: String,
+    /// For `rate_limited`: milliseconds until a retry can succeed.
+    pub retry_ms: Option<u64>,
 }
 
 impl Rejection {
@@ -124,7 +135,14 @@ impl Rejection {
             id,
             code,
             message: message.into(),
+            retry_ms: None,
         }
+    }
+
+    /// The same refusal with a retry hint.
+    pub fn with_retry_ms(mut self, ms: u64) -> Self {
+        self.retry_ms = Some(ms);
+        self
     }
 
     /// The same refusal, answering the request with this id.

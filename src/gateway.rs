@@ -1,19 +1,24 @@
 //! The state one gateway node shares between its HTTP routes, connections
 //! and background tasks.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::aggregate::Aggregator;
 use crate::auth::{AuthError, Identity, Verifier};
 use crate::bus::{Bus, BusError, PublishResult};
 use crate::config::Config;
 use crate::expiry::Expiries;
 use crate::hub::Hub;
+use crate::limit::TokenBucket;
 use crate::metrics::Metrics;
 use crate::peer::Peer;
 use crate::presence::Presence;
@@ -47,6 +52,14 @@ pub struct Gateway {
     pub verifier: Option<Verifier>,
     /// Token deadlines of this node's connections.
     pub expiries: Expiries,
+    /// Aggregated events of the current window.
+    pub aggregator: Aggregator,
+    /// `limits.user_messages_*`: one bucket per user with a connection here.
+    user_buckets: Mutex<HashMap<Arc<str>, TokenBucket>>,
+    /// `limits.connections_*`: new connections on this node.
+    connection_bucket: Mutex<TokenBucket>,
+    /// Connections per client address (`limits.max_connections_per_ip`).
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
     /// This node's id (resolved from config: never empty).
     pub node_id: String,
     pub hub: Arc<Hub>,
@@ -72,6 +85,23 @@ impl Drop for Admission {
     }
 }
 
+/// A connection's count under its client address, held until it ends.
+pub struct IpGuard(Option<(Arc<Gateway>, IpAddr)>);
+
+impl Drop for IpGuard {
+    fn drop(&mut self) {
+        if let Some((gw, ip)) = self.0.take() {
+            let mut per_ip = gw.per_ip.lock();
+            if let Some(n) = per_ip.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    per_ip.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
 impl Gateway {
     pub fn new(
         config: Config,
@@ -87,9 +117,23 @@ impl Gateway {
             None
         });
         let presence = Presence::new(config.presence.clone(), hub.clone(), metrics.clone());
+        // Every label the configuration can produce starts at 0.
+        for label in ["message", "command", "user", "connection"]
+            .into_iter()
+            .chain(config.namespaces.limited_events())
+        {
+            metrics.rate_limited.with_label_values(&[label]);
+        }
+        for event in config.namespaces.aggregated_events() {
+            metrics.aggregated_events.with_label_values(&[event]);
+        }
         let gw = Gateway {
             verifier,
             expiries: Expiries::default(),
+            aggregator: Aggregator::default(),
+            user_buckets: Mutex::new(HashMap::new()),
+            connection_bucket: Mutex::new(TokenBucket::new(config.limits.connections, 0)),
+            per_ip: Mutex::new(HashMap::new()),
             config,
             node_id,
             hub,
@@ -126,6 +170,58 @@ impl Gateway {
                 Err(current) => n = current,
             }
         }
+    }
+
+    /// Take a token for a message by `user` (`limits.user_messages_*`), or
+    /// the milliseconds until one is there.
+    pub fn user_send(&self, user: &Arc<str>, now_ms: u64) -> Result<(), u64> {
+        let rate = self.config.limits.user_messages;
+        if rate.per_second == 0 {
+            return Ok(());
+        }
+        let mut buckets = self.user_buckets.lock();
+        let bucket = buckets
+            .entry(user.clone())
+            .or_insert_with(|| TokenBucket::new(rate, now_ms));
+        match bucket.allow(rate, now_ms) {
+            true => Ok(()),
+            false => Err(bucket.retry_ms(rate)),
+        }
+    }
+
+    /// The user has no connection left here: forget its bucket.
+    pub fn forget_user(&self, user: &str) {
+        self.user_buckets.lock().remove(user);
+    }
+
+    /// Take a token for a new connection (`limits.connections_*`), or the
+    /// seconds until one is there (for Retry-After).
+    pub fn admit_rate(&self) -> Result<(), u64> {
+        let rate = self.config.limits.connections;
+        if rate.per_second == 0 {
+            return Ok(());
+        }
+        let mut bucket = self.connection_bucket.lock();
+        match bucket.allow(rate, self.hub.now_ms()) {
+            true => Ok(()),
+            false => Err(bucket.retry_ms(rate).div_ceil(1000).max(1)),
+        }
+    }
+
+    /// Count a connection from `ip` (`limits.max_connections_per_ip`), or
+    /// `None` when it has that many already; dropping the guard uncounts it.
+    pub fn admit_ip(self: &Arc<Self>, ip: IpAddr) -> Option<IpGuard> {
+        let max = self.config.limits.max_connections_per_ip;
+        if max == 0 {
+            return Some(IpGuard(None));
+        }
+        let mut per_ip = self.per_ip.lock();
+        let n = per_ip.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(IpGuard(Some((self.clone(), ip))))
     }
 
     /// Verify a client's token, counting a refusal.

@@ -265,6 +265,14 @@ impl Hub {
         self.metrics.connections.set(peers.len() as i64);
     }
 
+    /// Whether `topic` has a member on this node.
+    pub fn has_members(&self, topic: &Topic) -> bool {
+        self.rooms
+            .read()
+            .get(topic)
+            .is_some_and(|r| !r.members.is_empty())
+    }
+
     /// The connected client with this sequence number.
     pub fn peer(&self, seq: u64) -> Option<Arc<Peer>> {
         self.peers.lock().get(&seq).cloned()

@@ -44,6 +44,7 @@
 //! [`config`], [`server`], [`protocol`], [`error`], [`topic`], [`ws`];
 //! everything else is internal to the crate.
 
+pub(crate) mod aggregate;
 pub(crate) mod api;
 pub(crate) mod auth;
 pub(crate) mod bus;

@@ -26,6 +26,15 @@ impl TokenBucket {
         }
     }
 
+    /// Milliseconds until the next token (after a refused `allow`).
+    pub fn retry_ms(&self, rate: Rate) -> u64 {
+        if rate.per_second == 0 {
+            return 0;
+        }
+        let missing = (1.0 - self.tokens).max(0.0);
+        (missing * 1000.0 / rate.per_second as f32).ceil() as u64
+    }
+
     /// Take one token if there is one.
     pub fn allow(&mut self, rate: Rate, now_ms: u64) -> bool {
         if rate.per_second == 0 {
@@ -57,6 +66,7 @@ mod tests {
         assert_eq!((0..5).filter(|_| bucket.allow(rate, 1000)).count(), 3);
         assert!(bucket.allow(rate, 1100));
         assert!(!bucket.allow(rate, 1100));
+        assert_eq!(bucket.retry_ms(rate), 100);
         let unlimited = Rate {
             per_second: 0,
             burst: 0,

@@ -17,6 +17,7 @@
 //!   loop backs off and retries; connections already open keep being served.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -170,7 +171,7 @@ pub async fn accept_loop(listener: TcpListener, edge: Edge) {
         let stream = tokio::select! {
             _ = edge.stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // EMFILE/ENFILE/ENOBUFS and the like: the connection stays
                     // in the kernel's backlog. Back off (doubling up to 1 s) so
@@ -187,6 +188,7 @@ pub async fn accept_loop(listener: TcpListener, edge: Edge) {
             },
         };
         backoff = Duration::ZERO;
+        let (stream, peer) = stream;
         let _ = stream.set_nodelay(true);
         let (guard, evicted) = edge
             .pending
@@ -198,13 +200,13 @@ pub async fn accept_loop(listener: TcpListener, edge: Edge) {
                 .with_label_values(&["evicted"])
                 .inc();
         }
-        tokio::spawn(serve_http(stream, edge.clone(), guard));
+        tokio::spawn(serve_http(stream, peer, edge.clone(), guard));
     }
 }
 
 /// One HTTP connection until it ends, upgrades to WebSocket, is evicted, or
 /// misses a deadline.
-async fn serve_http(stream: TcpStream, edge: Edge, guard: PendingGuard) {
+async fn serve_http(stream: TcpStream, peer: SocketAddr, edge: Edge, guard: PendingGuard) {
     let metrics = edge.gw.metrics.clone();
     metrics.pending_connections.inc();
     let server = &edge.gw.config.server;
@@ -217,7 +219,7 @@ async fn serve_http(stream: TcpStream, edge: Edge, guard: PendingGuard) {
             let edge = edge.clone();
             let answered = answered.clone();
             async move {
-                let resp = server::route(&edge, req).await;
+                let resp = server::route(&edge, peer, req).await;
                 answered.store(true, Ordering::Release);
                 Ok::<_, std::convert::Infallible>(resp)
             }

@@ -16,7 +16,13 @@ use prometheus::{
 pub const PROTOCOL_CLOSES: [&str; 3] = ["protocol_error", "invalid_utf8", "message_too_big"];
 
 /// `messages_dropped_total` reasons.
-pub const DROP_REASONS: [&str; 3] = ["unavailable", "unconfirmed", "rate_limited"];
+pub const DROP_REASONS: [&str; 5] = [
+    "unavailable",
+    "unconfirmed",
+    "rate_limited",
+    "forbidden",
+    "bad_frame",
+];
 
 pub struct Metrics {
     registry: Registry,
@@ -27,6 +33,10 @@ pub struct Metrics {
     pub users: IntGauge,
     pub auth_failures: IntCounterVec,
     pub token_expiries: IntCounter,
+    pub rate_limited: IntCounterVec,
+    pub aggregated_events: IntCounterVec,
+    pub aggregated_lost: IntCounter,
+    pub abuse_disconnects: IntCounter,
     pub messages_in: IntCounter,
     pub messages_dropped: IntCounterVec,
     pub bus_published: IntCounter,
@@ -106,6 +116,24 @@ impl Metrics {
                 }
                 c
             },
+            rate_limited: counter_vec(
+                "roomcast_rate_limited_total",
+                "Requests refused by a rate limit, by event (an event with its own rate, else message, command, user or connection)",
+                "event",
+            )?,
+            aggregated_events: counter_vec(
+                "roomcast_aggregated_events_total",
+                "Aggregated events (e.g. likes) counted into a window, by event",
+                "event",
+            )?,
+            aggregated_lost: counter(
+                "roomcast_aggregated_lost_total",
+                "Aggregated events whose window the bus did not take",
+            )?,
+            abuse_disconnects: counter(
+                "roomcast_abuse_disconnects_total",
+                "Connections closed (4004) after limits.abuse_threshold refusals in a row",
+            )?,
             token_expiries: counter(
                 "roomcast_token_expiries_total",
                 "Connections closed (4003) because their token expired without a refresh",

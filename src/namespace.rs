@@ -48,6 +48,8 @@ pub struct RawRate {
 /// The rules for one set of rooms.
 #[derive(Debug, Clone)]
 pub struct Namespace {
+    /// 0 for the defaults, then 1, 2, … in config order.
+    pub id: usize,
     /// `""` for the defaults.
     pub prefix: String,
     /// Anonymous connections may join its rooms.
@@ -63,7 +65,7 @@ pub struct Namespace {
     /// Events summed per window instead of delivered one by one.
     pub aggregate: Vec<String>,
     /// Events with a rate of their own: (event, rate, rule id).
-    pub events: Vec<(String, Rate, usize)>,
+    pub events: EventRates,
 }
 
 impl Namespace {
@@ -79,6 +81,9 @@ impl Namespace {
             .map(|(_, rate, id)| (*rate, *id))
     }
 }
+
+/// Per-event rates as resolved: (event, rate, rule id).
+type EventRates = Vec<(String, Rate, usize)>;
 
 /// The defaults and every namespace, longest prefix first.
 #[derive(Debug, Clone)]
@@ -101,33 +106,42 @@ pub struct Defaults<'a> {
 
 impl Namespaces {
     /// Check and resolve the rules; the error is (key, message) for config.rs.
-    pub fn new(defaults: Defaults<'_>, raw: &[RawNamespace]) -> Result<Namespaces, (String, String)> {
+    pub fn new(
+        defaults: Defaults<'_>,
+        raw: &[RawNamespace],
+    ) -> Result<Namespaces, (String, String)> {
         let mut next_rule = 0;
-        let mut events = |key: &str,
-                          list: &BTreeMap<String, RawRate>|
-         -> Result<Vec<(String, Rate, usize)>, (String, String)> {
-            let mut out = Vec::new();
-            for (event, r) in list {
-                if event.is_empty() || event.len() > crate::protocol::MAX_EVENT_LEN {
-                    return Err((key.to_owned(), format!("{event:?} is not an event name (1-128 bytes)")));
+        let mut events =
+            |key: &str, list: &BTreeMap<String, RawRate>| -> Result<EventRates, (String, String)> {
+                let mut out = Vec::new();
+                for (event, r) in list {
+                    if event.is_empty() || event.len() > crate::protocol::MAX_EVENT_LEN {
+                        return Err((
+                            key.to_owned(),
+                            format!("{event:?} is not an event name (1-128 bytes)"),
+                        ));
+                    }
+                    if r.per_second > 0 && r.burst == 0 {
+                        return Err((
+                            format!("{key}.{event}.burst"),
+                            "must be at least 1 when per_second is set".into(),
+                        ));
+                    }
+                    out.push((
+                        event.clone(),
+                        Rate {
+                            per_second: r.per_second,
+                            burst: r.burst,
+                        },
+                        next_rule,
+                    ));
+                    next_rule += 1;
                 }
-                if r.per_second > 0 && r.burst == 0 {
-                    return Err((format!("{key}.{event}.burst"), "must be at least 1 when per_second is set".into()));
-                }
-                out.push((
-                    event.clone(),
-                    Rate {
-                        per_second: r.per_second,
-                        burst: r.burst,
-                    },
-                    next_rule,
-                ));
-                next_rule += 1;
-            }
-            Ok(out)
-        };
+                Ok(out)
+            };
         let default_events = events("limits.events", defaults.events)?;
         let base = Namespace {
+            id: 0,
             prefix: String::new(),
             anonymous_join: defaults.anonymous_join,
             anonymous_send: defaults.anonymous_send,
@@ -147,10 +161,16 @@ impl Namespaces {
                 return Err((key("prefix"), format!("{:?} is not a room-name prefix (1-127 characters of A-Z a-z 0-9 _ - . : @)", ns.prefix)));
             }
             if let Some(other) = rules.iter().position(|r| r.prefix == ns.prefix) {
-                return Err((key("prefix"), format!("{:?} is also the prefix of namespaces[{other}]", ns.prefix)));
+                return Err((
+                    key("prefix"),
+                    format!("{:?} is also the prefix of namespaces[{other}]", ns.prefix),
+                ));
             }
             if ns.anonymous_send == Some(true) && ns.anonymous_join == Some(false) {
-                return Err((key("anonymous_send"), "anonymous connections cannot send where they may not join".into()));
+                return Err((
+                    key("anonymous_send"),
+                    "anonymous connections cannot send where they may not join".into(),
+                ));
             }
             if ns.max_message_bytes == Some(0) {
                 return Err((key("max_message_bytes"), "must be greater than 0".into()));
@@ -160,7 +180,10 @@ impl Namespaces {
                 (Some(per_second), burst) => {
                     let burst = burst.unwrap_or(per_second);
                     if per_second > 0 && burst == 0 {
-                        return Err((key("messages_burst"), "must be at least 1 when messages_per_second is set".into()));
+                        return Err((
+                            key("messages_burst"),
+                            "must be at least 1 when messages_per_second is set".into(),
+                        ));
                     }
                     Rate { per_second, burst }
                 }
@@ -176,17 +199,21 @@ impl Namespaces {
                 }
             }
             rules.push(Namespace {
+                id: i + 1,
                 prefix: ns.prefix.clone(),
                 anonymous_join: ns.anonymous_join.unwrap_or(base.anonymous_join),
                 anonymous_send: ns.anonymous_send.unwrap_or(base.anonymous_send),
                 client_send: ns.client_send.unwrap_or(true),
                 max_message_bytes: ns.max_message_bytes.unwrap_or(base.max_message_bytes),
                 messages,
-                aggregate: ns.aggregate.clone().unwrap_or_else(|| base.aggregate.clone()),
+                aggregate: ns
+                    .aggregate
+                    .clone()
+                    .unwrap_or_else(|| base.aggregate.clone()),
                 events: own,
             });
         }
-        rules.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        rules.sort_by_key(|ns| std::cmp::Reverse(ns.prefix.len()));
         Ok(Namespaces {
             defaults: base,
             rules,
@@ -259,20 +286,42 @@ mod tests {
 
     #[test]
     fn the_longest_prefix_wins_and_rules_inherit_the_defaults() {
-        let events = BTreeMap::from([("danmaku".to_string(), RawRate { per_second: 2, burst: 5 })]);
+        let events = BTreeMap::from([(
+            "danmaku".to_string(),
+            RawRate {
+                per_second: 2,
+                burst: 5,
+            },
+        )]);
         let mut live = raw("live:");
         live.anonymous_send = Some(false);
         live.aggregate = Some(vec!["like".into()]);
         let mut vip = raw("live:vip:");
         vip.anonymous_join = Some(false);
-        vip.events.insert("danmaku".into(), RawRate { per_second: 10, burst: 10 });
+        vip.events.insert(
+            "danmaku".into(),
+            RawRate {
+                per_second: 10,
+                burst: 10,
+            },
+        );
         let ns = Namespaces::new(defaults(&events), &[live, vip]).unwrap();
         assert_eq!(ns.of("live:1").prefix, "live:");
         assert!(!ns.of("live:1").anonymous_send && ns.of("live:1").aggregates("like"));
         assert_eq!(ns.of("live:vip:1").prefix, "live:vip:");
         assert!(!ns.of("live:vip:1").anonymous_join);
-        assert_eq!(ns.of("live:vip:1").event_rate("danmaku").unwrap().0.per_second, 10);
-        assert_eq!(ns.of("live:1").event_rate("danmaku").unwrap().0.per_second, 2);
+        assert_eq!(
+            ns.of("live:vip:1")
+                .event_rate("danmaku")
+                .unwrap()
+                .0
+                .per_second,
+            10
+        );
+        assert_eq!(
+            ns.of("live:1").event_rate("danmaku").unwrap().0.per_second,
+            2
+        );
         assert_eq!(ns.of("other").prefix, "");
         assert!(ns.of("other").event_rate("gift").is_none());
         assert_eq!(ns.limited_events(), ["danmaku"]);

@@ -417,12 +417,15 @@ pub fn error_frame(rejection: &Rejection) -> Bytes {
         id: Option<u64>,
         code: &'static str,
         message: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_ms: Option<u64>,
     }
     text(&Error {
         op: "error",
         id: rejection.id,
         code: rejection.code.as_str(),
         message: &brief(&rejection.message),
+        retry_ms: rejection.retry_ms,
     })
 }
 

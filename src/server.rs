@@ -13,6 +13,7 @@
 //! then presence says goodbye (this node's counts leave the cluster's at
 //! once), the bus stops and [`run`] returns.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,7 +42,7 @@ use crate::metrics::Metrics;
 use crate::protocol;
 use crate::topic::Topic;
 use crate::ws::close;
-use crate::{api, bus, expiry, heartbeat, presence};
+use crate::{aggregate, api, bus, expiry, heartbeat, presence};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -160,6 +161,7 @@ pub async fn run(
     let (gw, publishes) = Gateway::new(config, node_id, hub, bus, metrics);
     let gw = Arc::new(gw);
     background.spawn(heartbeat::run(gw.clone(), stop.clone()));
+    background.spawn(aggregate::run(gw.clone(), stop.clone()));
     if gw.config.auth.close_on_expiry {
         background.spawn(expiry::run(gw.clone(), stop.clone()));
     }
@@ -275,7 +277,7 @@ pub(crate) fn refuse_with(rejection: &Rejection) -> Response<Body> {
 const ROOMS: &str = "/api/rooms/";
 
 /// Answer one request on a listener of `edge.role`.
-pub(crate) async fn route(edge: &Edge, req: Request<Incoming>) -> Response<Body> {
+pub(crate) async fn route(edge: &Edge, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let gw = edge.gw.clone();
     let path = req.uri().path();
     if !edge.role.serves(path) {
@@ -294,7 +296,7 @@ pub(crate) async fn route(edge: &Edge, req: Request<Incoming>) -> Response<Body>
         }
     }
     match (req.method(), path) {
-        (&Method::GET, "/ws") => upgrade(gw, edge.connections.clone(), req).await,
+        (&Method::GET, "/ws") => upgrade(gw, edge.connections.clone(), peer, req).await,
         (&Method::GET, "/metrics") => {
             let mut resp = Response::new(Full::new(Bytes::from(gw.metrics.render())));
             resp.headers_mut().insert(
@@ -347,11 +349,48 @@ fn valid_ws_key(key: &[u8]) -> bool {
 async fn upgrade(
     gw: Arc<Gateway>,
     connections: TaskTracker,
+    peer: SocketAddr,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
     if gw.draining.load(Ordering::Acquire) {
         return refuse(ErrorCode::ShuttingDown, "this node is shutting down");
     }
+    if let Some(origin) = req.headers().get(header::ORIGIN) {
+        let allowed = &gw.config.server.allowed_origins;
+        let origin = origin.to_str().unwrap_or("");
+        if !allowed.is_empty() && !allowed.iter().any(|a| a.eq_ignore_ascii_case(origin)) {
+            return refuse(
+                ErrorCode::Forbidden,
+                &format!("origin {origin:?} is not in server.allowed_origins"),
+            );
+        }
+    }
+    // The reconnect herd after a deploy: beyond the node's rate, send it on
+    // (the load balancer retries a 503 on the next node) and back later.
+    if let Err(retry_s) = gw.admit_rate() {
+        gw.metrics
+            .rate_limited
+            .with_label_values(&["connection"])
+            .inc();
+        let mut busy = refuse(
+            ErrorCode::Busy,
+            "this node takes no more new connections this second; retry",
+        );
+        if let Ok(v) = HeaderValue::from_str(&retry_s.to_string()) {
+            busy.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        return busy;
+    }
+    let client_ip = client_ip(&gw, peer.ip(), &req);
+    let Some(ip_guard) = gw.admit_ip(client_ip) else {
+        return refuse(
+            ErrorCode::TooManyConnectionsFromIp,
+            &format!(
+                "{client_ip} holds limits.max_connections_per_ip ({}) connections on this node",
+                gw.config.limits.max_connections_per_ip
+            ),
+        );
+    };
     let Some(admission) = gw.admit() else {
         let max = gw.config.limits.max_connections;
         return refuse(
@@ -449,6 +488,7 @@ async fn upgrade(
             format,
             rooms,
             identity,
+            ip_guard,
         };
         // A task of its own, so that an idle connection keeps only the
         // connection's state (about 600 bytes), not this upgrade future's too.
@@ -483,6 +523,14 @@ fn authenticate(
     };
     let Some(token) = token else {
         if gw.config.auth.anonymous {
+            let namespaces = &gw.config.namespaces;
+            if let Some(room) = rooms.iter().find(|r| !namespaces.of(r).anonymous_join) {
+                return Err(Rejection::new(
+                    None,
+                    ErrorCode::Forbidden,
+                    format!("room {room:?} is for signed-in users: connect with a token"),
+                ));
+            }
             return Ok(None);
         }
         gw.metrics
@@ -504,6 +552,22 @@ fn authenticate(
         ));
     }
     Ok(Some(identity))
+}
+
+/// The client's address: the peer's, or — when the peer is one of
+/// `server.trusted_proxies` — the last address its `X-Forwarded-For` names.
+fn client_ip(gw: &Gateway, peer: IpAddr, req: &Request<Incoming>) -> IpAddr {
+    if !gw.config.server.trusted_proxies.contains(&peer) {
+        return peer;
+    }
+    req.headers()
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|a| a.trim().parse().ok())
+        .next_back()
+        .unwrap_or(peer)
 }
 
 /// The bearer token of `Authorization`, if the header has one.

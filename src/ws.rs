@@ -35,6 +35,8 @@ pub mod close {
     pub const HEARTBEAT_TIMEOUT: u16 = 4002;
     /// The connection's token expired and no `refresh` replaced it (`auth.close_on_expiry`).
     pub const TOKEN_EXPIRED: u16 = 4003;
+    /// Refused (rate-limited or forbidden) more than `limits.abuse_threshold` times in a row.
+    pub const ABUSE: u16 = 4004;
 }
 
 /// A complete, unmasked server frame: FIN + opcode, length, payload.

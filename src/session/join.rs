@@ -1,6 +1,6 @@
 //! `{"op":"join","room":…}`: start receiving a room's messages.
 
-use super::{ack, reject, Link, Session};
+use super::{ack, Link, Session};
 use crate::error::{ErrorCode, Rejection};
 use crate::protocol;
 use crate::topic::Topic;
@@ -9,51 +9,41 @@ use crate::topic::Topic;
 /// is in effect on the bus); while the bus is down the join is undone and
 /// refused with `unavailable`. After the ack, a `presence` frame: how many
 /// are in the room now. Joining a room twice is acked and changes nothing.
-/// A token with a `rooms` claim allows only the rooms it names (`forbidden`
-/// otherwise).
-pub(super) async fn run(session: &mut Session, link: &impl Link, id: Option<u64>, room: &str) {
+/// A token with a `rooms` claim allows only the rooms it names, and a
+/// namespace may refuse anonymous connections (`forbidden` otherwise).
+pub(super) async fn run(
+    session: &mut Session,
+    link: &impl Link,
+    id: Option<u64>,
+    room: &str,
+) -> Result<(), Rejection> {
     if session.room(room).is_some() {
-        return ack(link, id);
+        ack(link, id);
+        return Ok(());
     }
-    if let Some(identity) = session.identity.as_deref() {
-        if !identity.may_join(room) {
-            return reject(
-                link,
-                Rejection::new(
-                    id,
-                    ErrorCode::Forbidden,
-                    format!("your token does not allow room {room:?}"),
-                ),
-            );
-        }
-    }
+    session.may_join(link, room).map_err(|r| r.with_id(id))?;
     let max = link.limits().max_rooms_per_connection;
     if session.rooms.len() >= max {
-        return reject(
-            link,
-            Rejection::new(
-                id,
-                ErrorCode::TooManyRooms,
-                format!("a connection may join at most {max} rooms"),
-            ),
-        );
+        return Err(Rejection::new(
+            id,
+            ErrorCode::TooManyRooms,
+            format!("a connection may join at most {max} rooms"),
+        ));
     }
     let topic = Topic::room(room);
     link.join(&topic);
     if !link.synced().await {
         link.leave(&topic);
-        return reject(
-            link,
-            Rejection::new(
-                id,
-                ErrorCode::Unavailable,
-                "the bus is down: not joined; retry later",
-            ),
-        );
+        return Err(Rejection::new(
+            id,
+            ErrorCode::Unavailable,
+            "the bus is down: not joined; retry later",
+        ));
     }
     ack(link, id);
     link.reply(&protocol::presence_frame(room, link.joined(&topic)));
     session.rooms.push(topic);
+    Ok(())
 }
 
 #[cfg(test)]

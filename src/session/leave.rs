@@ -1,18 +1,25 @@
 //! `{"op":"leave","room":…}`: stop receiving a room's messages.
 
-use super::{ack, reject, Link, Session};
+use super::{ack, Link, Session};
 use crate::error::{ErrorCode, Rejection};
 
-pub(super) fn run(session: &mut Session, link: &impl Link, id: Option<u64>, room: &str) {
+pub(super) fn run(
+    session: &mut Session,
+    link: &impl Link,
+    id: Option<u64>,
+    room: &str,
+) -> Result<(), Rejection> {
     let Some(pos) = session.position(room) else {
-        return reject(
-            link,
-            Rejection::new(id, ErrorCode::NotJoined, format!("not in room {room:?}")),
-        );
+        return Err(Rejection::new(
+            id,
+            ErrorCode::NotJoined,
+            format!("not in room {room:?}"),
+        ));
     };
     let topic = session.rooms.swap_remove(pos);
     link.leave(&topic);
     ack(link, id);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -24,10 +24,12 @@ use crate::auth::{AuthError, Identity};
 use crate::config::{AuthConfig, Limits};
 use crate::error::{ErrorCode, Rejection};
 use crate::gateway::{Gateway, Publish, Reply};
-use crate::limit::TokenBucket;
+use crate::limit::{Rate, TokenBucket};
+use crate::namespace::{Namespace, Namespaces};
 use crate::peer::Peer;
 use crate::protocol::{self, Request};
 use crate::topic::{Target, Topic};
+use crate::ws::close;
 
 /// What a session needs from the rest of the node.
 pub(crate) trait Link {
@@ -57,6 +59,15 @@ pub(crate) trait Link {
     fn refused(&self, code: ErrorCode);
     /// Count a raw message that was dropped (`roomcast_messages_dropped_total{reason}`).
     fn dropped(&self, reason: &'static str);
+    fn namespaces(&self) -> &Namespaces;
+    /// Count one aggregated `event` in `topic` (published with the window).
+    fn aggregate(&self, topic: &Topic, event: &str);
+    /// Take a token from the user's node-wide bucket, or the ms until one is there.
+    fn user_send(&self, user: &Arc<str>) -> Result<(), u64>;
+    /// Count a rate-limit refusal (`roomcast_rate_limited_total{event}`).
+    fn rate_limited(&self, label: &str);
+    /// Close the connection for abuse (4004).
+    fn abused(&self);
 }
 
 /// One connection's state, beyond its socket.
@@ -70,6 +81,11 @@ pub(crate) struct Session {
     messages: TokenBucket,
     /// …and on its other requests (`limits.commands_*`).
     commands: TokenBucket,
+    /// Buckets of per-event and per-namespace rates, made on first use:
+    /// (rule id, bucket). Empty (no allocation) for most connections.
+    buckets: Vec<(usize, TokenBucket)>,
+    /// Refusals (rate_limited, forbidden) since the last accepted request.
+    refusals: u32,
 }
 
 impl Session {
@@ -85,6 +101,8 @@ impl Session {
             identity: identity.map(Box::new),
             messages: TokenBucket::new(limits.messages, now_ms),
             commands: TokenBucket::new(limits.commands, now_ms),
+            buckets: Vec::new(),
+            refusals: 0,
         }
     }
 
@@ -115,19 +133,141 @@ impl Session {
         }
     }
 
-    /// May it publish (to rooms and users)? `forbidden` if not.
-    fn may_send(&self, link: &impl Link, id: Option<u64>) -> Result<(), Rejection> {
+    /// May it join `room`? Its token's `rooms`, and the namespace for
+    /// anonymous connections; `forbidden` if not.
+    fn may_join(&self, link: &impl Link, room: &str) -> Result<(), Rejection> {
+        let allowed = match self.identity.as_deref() {
+            Some(identity) => identity.may_join(room),
+            None => link.namespaces().of(room).anonymous_join,
+        };
+        match allowed {
+            true => Ok(()),
+            false => Err(Rejection::new(
+                None,
+                ErrorCode::Forbidden,
+                match self.identity {
+                    Some(_) => format!("your token does not allow room {room:?}"),
+                    None => format!("room {room:?} is for signed-in users: connect with a token"),
+                },
+            )),
+        }
+    }
+
+    /// May it publish at all (its token's `send`; `auth.anonymous_send`)?
+    fn may_send(&self, link: &impl Link) -> Result<(), Rejection> {
+        self.may_send_as(link.auth().anonymous_send)
+    }
+
+    fn may_send_as(&self, anonymous_send: bool) -> Result<(), Rejection> {
         let (allowed, why) = match self.identity.as_deref() {
             Some(identity) => (identity.can_send, "your token does not allow sending"),
             None => (
-                link.auth().anonymous_send,
+                anonymous_send,
                 "anonymous connections may only watch here: connect with a token to send",
             ),
         };
         match allowed {
             true => Ok(()),
-            false => Err(Rejection::new(id, ErrorCode::Forbidden, why)),
+            false => Err(Rejection::new(None, ErrorCode::Forbidden, why)),
         }
+    }
+
+    /// May it send `event` with `size` bytes of data to `room` now? The
+    /// room's namespace decides (who sends, size, rates); the user's
+    /// node-wide rate applies too. `Ok(true)`: the event is aggregated there.
+    fn may_send_to(
+        &mut self,
+        link: &impl Link,
+        room: &str,
+        event: &str,
+        size: usize,
+    ) -> Result<bool, Rejection> {
+        let namespaces = link.namespaces();
+        let ns = namespaces.of(room);
+        if !ns.client_send {
+            return Err(Rejection::new(
+                None,
+                ErrorCode::Forbidden,
+                format!("only the platform publishes in room {room:?}"),
+            ));
+        }
+        self.may_send_as(ns.anonymous_send)?;
+        if size > ns.max_message_bytes {
+            return Err(Rejection::new(
+                None,
+                ErrorCode::BadFrame,
+                format!(
+                    "`data` is larger than {} bytes in room {room:?}",
+                    ns.max_message_bytes
+                ),
+            ));
+        }
+        self.take_message(link, Some(ns), event)?;
+        Ok(ns.aggregates(event))
+    }
+
+    /// Take a token for a message of `event` (in `ns`, else under the
+    /// defaults): the event's own rate if it has one, else the namespace's,
+    /// else `limits.messages_*`; then the user's. `rate_limited` with a
+    /// retry hint if not.
+    fn take_message(
+        &mut self,
+        link: &impl Link,
+        ns: Option<&Namespace>,
+        event: &str,
+    ) -> Result<(), Rejection> {
+        let limits = link.limits();
+        let namespaces = link.namespaces();
+        let ns = ns.unwrap_or_else(|| namespaces.of(""));
+        let now = link.now_ms();
+        let (label, rate, bucket) = match ns.event_rate(event) {
+            Some((rate, rule)) => (event, rate, self.bucket(rule, rate, now)),
+            None if ns.messages != limits.messages => {
+                let rule = namespaces.event_rules + ns.id;
+                ("message", ns.messages, self.bucket(rule, ns.messages, now))
+            }
+            None => ("message", limits.messages, &mut self.messages),
+        };
+        if !bucket.allow(rate, now) {
+            link.rate_limited(label);
+            return Err(Rejection::new(
+                None,
+                ErrorCode::RateLimited,
+                format!(
+                    "more than {} {label}s per second; slow down",
+                    rate.per_second
+                ),
+            )
+            .with_retry_ms(bucket.retry_ms(rate)));
+        }
+        if let Some(identity) = self.identity.as_deref() {
+            if let Err(retry_ms) = link.user_send(&identity.user) {
+                link.rate_limited("user");
+                return Err(Rejection::new(
+                    None,
+                    ErrorCode::RateLimited,
+                    format!(
+                        "more than {} messages per second from your connections; slow down",
+                        limits.user_messages.per_second
+                    ),
+                )
+                .with_retry_ms(retry_ms));
+            }
+        }
+        Ok(())
+    }
+
+    /// The bucket of `rule`, made full on first use.
+    fn bucket(&mut self, rule: usize, rate: Rate, now: u64) -> &mut TokenBucket {
+        let buckets = &mut self.buckets;
+        let i = match buckets.iter().position(|(r, _)| *r == rule) {
+            Some(i) => i,
+            None => {
+                buckets.push((rule, TokenBucket::new(rate, now)));
+                buckets.len() - 1
+            }
+        };
+        &mut buckets[i].1
     }
 
     /// Where the joined room named `room` is in [`Session::rooms`].
@@ -156,21 +296,43 @@ impl Session {
             Ok(parsed) => parsed,
             Err(rejection) => return reject(link, rejection),
         };
-        if let Err(rejection) = self.allow(link, &request) {
-            return reject(link, rejection.with_id(id));
-        }
-        match request {
-            Request::Join { room } => join::run(self, link, id, &room).await,
-            Request::Leave { room } => leave::run(self, link, id, &room),
-            Request::Send { room, event, data } => {
-                send::run(self, link, id, &room, &event, data).await
+        let done = match self.allow(link, &request) {
+            Err(rejection) => Err(rejection),
+            Ok(()) => match request {
+                Request::Join { room } => join::run(self, link, id, &room).await,
+                Request::Leave { room } => leave::run(self, link, id, &room),
+                Request::Send { room, event, data } => {
+                    send::run(self, link, id, &room, &event, data).await
+                }
+                Request::SendToUser { user, event, data } => {
+                    send::to_user(self, link, id, &user, &event, data).await
+                }
+                Request::Refresh { token } => refresh::run(self, link, id, &token),
+                Request::Ping => ping::run(link, id),
+            },
+        };
+        self.settle(link, done.map_err(|r| r.with_id(id)));
+    }
+
+    /// Answer a refused request, and close a connection that keeps being
+    /// refused (`limits.abuse_threshold` rate-limited or forbidden requests
+    /// with none accepted between) with 4004.
+    fn settle(&mut self, link: &impl Link, done: Result<(), Rejection>) {
+        let Err(rejection) = done else {
+            self.refusals = 0;
+            return;
+        };
+        if matches!(
+            rejection.code,
+            ErrorCode::RateLimited | ErrorCode::Forbidden
+        ) {
+            self.refusals = self.refusals.saturating_add(1);
+            let threshold = link.limits().abuse_threshold;
+            if threshold > 0 && self.refusals > threshold {
+                return link.abused();
             }
-            Request::SendToUser { user, event, data } => {
-                send::to_user(self, link, id, &user, &event, data).await
-            }
-            Request::Refresh { token } => refresh::run(self, link, id, &token),
-            Request::Ping => ping::run(link, id),
         }
+        reject(link, rejection);
     }
 
     /// A raw-mode frame: published to the connection's room.
@@ -190,30 +352,26 @@ impl Session {
         )
     }
 
-    /// Take a token for `request` from its bucket, or say why not.
+    /// Take a token for a request other than a send (sends are limited by
+    /// their room's rules, in `send.rs`), or say why not.
     fn allow(&mut self, link: &impl Link, request: &Request) -> Result<(), Rejection> {
-        let limits = link.limits();
-        let now = link.now_ms();
-        let (allowed, what, rate) = match request {
-            Request::Send { .. } | Request::SendToUser { .. } => (
-                self.messages.allow(limits.messages, now),
-                "messages",
-                limits.messages.per_second,
-            ),
-            _ => (
-                self.commands.allow(limits.commands, now),
-                "requests",
-                limits.commands.per_second,
-            ),
-        };
-        match allowed {
-            true => Ok(()),
-            false => Err(Rejection::new(
-                None,
-                ErrorCode::RateLimited,
-                format!("more than {rate} {what} per second; slow down"),
-            )),
+        if matches!(request, Request::Send { .. } | Request::SendToUser { .. }) {
+            return Ok(());
         }
+        let rate = link.limits().commands;
+        if self.commands.allow(rate, link.now_ms()) {
+            return Ok(());
+        }
+        link.rate_limited("command");
+        Err(Rejection::new(
+            None,
+            ErrorCode::RateLimited,
+            format!(
+                "more than {} requests per second; slow down",
+                rate.per_second
+            ),
+        )
+        .with_retry_ms(self.commands.retry_ms(rate)))
     }
 }
 
@@ -239,6 +397,44 @@ pub(crate) struct NodeLink<'a> {
 impl Link for NodeLink<'_> {
     fn limits(&self) -> &Limits {
         &self.gw.config.limits
+    }
+
+    fn namespaces(&self) -> &Namespaces {
+        &self.gw.config.namespaces
+    }
+
+    fn aggregate(&self, topic: &Topic, event: &str) {
+        self.gw.aggregator.add(topic, event);
+        self.gw
+            .metrics
+            .aggregated_events
+            .with_label_values(&[event])
+            .inc();
+    }
+
+    fn user_send(&self, user: &Arc<str>) -> Result<(), u64> {
+        self.gw.user_send(user, self.gw.hub.now_ms())
+    }
+
+    fn rate_limited(&self, label: &str) {
+        // Only configured event names are labels (clients choose event names).
+        let limited = self.gw.config.namespaces.limited_events();
+        let label = match limited.contains(&label) {
+            true => label,
+            false if ["message", "command", "user"].contains(&label) => label,
+            false => "message",
+        };
+        self.gw
+            .metrics
+            .rate_limited
+            .with_label_values(&[label])
+            .inc();
+    }
+
+    fn abused(&self) {
+        self.gw.metrics.abuse_disconnects.inc();
+        self.peer
+            .close(close::ABUSE, "too many refused requests", true);
     }
 
     fn auth(&self) -> &AuthConfig {
@@ -323,6 +519,10 @@ pub(crate) mod testing {
 
     pub struct Recorder {
         pub limits: Limits,
+        pub namespaces: Namespaces,
+        pub aggregated: RefCell<Vec<(Topic, String)>>,
+        pub rate_limited: RefCell<Vec<String>>,
+        pub abused: std::cell::Cell<bool>,
         pub auth: AuthConfig,
         /// What `verify` answers.
         pub tokens: RefCell<Vec<(&'static str, Result<Identity, AuthError>)>>,
@@ -352,7 +552,26 @@ pub(crate) mod testing {
                     read_buffer_bytes: 4096,
                     messages: unlimited,
                     commands: unlimited,
+                    user_messages: unlimited,
+                    connections: unlimited,
+                    max_connections_per_ip: 0,
+                    abuse_threshold: 0,
                 },
+                namespaces: Namespaces::new(
+                    crate::namespace::Defaults {
+                        anonymous_join: true,
+                        anonymous_send: true,
+                        max_message_bytes: 65536,
+                        messages: unlimited,
+                        aggregate: &[],
+                        events: &Default::default(),
+                    },
+                    &[],
+                )
+                .expect("default namespaces"),
+                aggregated: RefCell::default(),
+                rate_limited: RefCell::default(),
+                abused: false.into(),
                 auth: AuthConfig {
                     algorithm: None,
                     key: Vec::new(),
@@ -372,6 +591,23 @@ pub(crate) mod testing {
                 refused: RefCell::default(),
                 dropped: RefCell::default(),
             }
+        }
+
+        /// Make the namespace defaults follow `limits` and `auth` again,
+        /// after a test changed them (config.rs does this when loading).
+        pub fn rebuild(&mut self) {
+            self.namespaces = Namespaces::new(
+                crate::namespace::Defaults {
+                    anonymous_join: self.auth.anonymous,
+                    anonymous_send: self.auth.anonymous_send,
+                    max_message_bytes: self.limits.max_message_bytes,
+                    messages: self.limits.messages,
+                    aggregate: &[],
+                    events: &Default::default(),
+                },
+                &[],
+            )
+            .expect("default namespaces");
         }
 
         pub fn session(&self) -> Session {
@@ -454,6 +690,23 @@ pub(crate) mod testing {
         }
         fn dropped(&self, reason: &'static str) {
             self.dropped.borrow_mut().push(reason);
+        }
+        fn namespaces(&self) -> &Namespaces {
+            &self.namespaces
+        }
+        fn aggregate(&self, topic: &Topic, event: &str) {
+            self.aggregated
+                .borrow_mut()
+                .push((topic.clone(), event.to_owned()));
+        }
+        fn user_send(&self, _user: &Arc<str>) -> Result<(), u64> {
+            Ok(())
+        }
+        fn rate_limited(&self, label: &str) {
+            self.rate_limited.borrow_mut().push(label.to_owned());
+        }
+        fn abused(&self) {
+            self.abused.set(true);
         }
     }
 

@@ -1,10 +1,12 @@
 //! `{"op":"ping"}`: an application-level round trip (answered `pong`).
 
 use super::Link;
+use crate::error::Rejection;
 use crate::protocol;
 
-pub(super) fn run(link: &impl Link, id: Option<u64>) {
+pub(super) fn run(link: &impl Link, id: Option<u64>) -> Result<(), Rejection> {
     link.reply(&protocol::pong_frame(id));
+    Ok(())
 }
 
 #[cfg(test)]

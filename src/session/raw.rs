@@ -3,25 +3,24 @@
 use super::{Link, Session};
 use crate::gateway::Reply;
 use crate::protocol;
+use crate::topic::Target;
 
 /// Rate-limited and permitted like JSON sends; a frame beyond the rate, not
 /// allowed, or refused by the bus is dropped and counted, as a raw client
 /// has no error frames.
 pub(super) async fn run(session: &mut Session, link: &impl Link, payload: &[u8], binary: bool) {
-    let Some(topic) = session.rooms.first() else {
+    let Some(topic) = session.rooms.first().cloned() else {
         return;
     };
-    if session.may_send(link, None).is_err() {
-        return link.dropped("forbidden");
-    }
-    if !session
-        .messages
-        .allow(link.limits().messages, link.now_ms())
-    {
-        return link.dropped("rate_limited");
+    let room = match topic.target() {
+        Target::Room(room) => room,
+        Target::User(_) => return,
+    };
+    if let Err(refused) = session.may_send_to(link, room, "message", payload.len()) {
+        return link.dropped(refused.code.as_str());
     }
     let envelope = protocol::raw_envelope(session.sender(link.conn_id()), payload, binary);
-    link.publish(topic.clone(), envelope, Reply::Raw).await;
+    link.publish(topic, envelope, Reply::Raw).await;
 }
 
 #[cfg(test)]
@@ -38,6 +37,7 @@ mod tests {
             per_second: 1,
             burst: 1,
         };
+        link.rebuild();
         let mut s = Session::new(&link.limits, 0, vec![Topic::room("r")], None);
         now(s.raw(&link, b"hi", false));
         now(s.raw(&link, b"again", false));

@@ -2,46 +2,40 @@
 //! expires, so a session can outlive its tokens (a stream lasts hours,
 //! tokens minutes).
 
-use super::{ack, reject, Link, Session};
+use super::{ack, Link, Session};
 use crate::error::{ErrorCode, Rejection};
 
 /// The new token must verify and be for the same user (`sub`); then its
 /// claims (rooms, send, info, exp) replace the old ones for what the
 /// connection does next — rooms already joined stay joined. A bad token is
 /// `unauthorized` and leaves the old one in force (until it expires).
-pub(super) fn run(session: &mut Session, link: &impl Link, id: Option<u64>, token: &str) {
+pub(super) fn run(
+    session: &mut Session,
+    link: &impl Link,
+    id: Option<u64>,
+    token: &str,
+) -> Result<(), Rejection> {
     let Some(current) = session.identity.as_deref() else {
-        return reject(
-            link,
-            Rejection::new(
-                id,
-                ErrorCode::Forbidden,
-                "an anonymous connection has no token to refresh: reconnect with one",
-            ),
-        );
+        return Err(Rejection::new(
+            id,
+            ErrorCode::Forbidden,
+            "an anonymous connection has no token to refresh: reconnect with one",
+        ));
     };
-    let identity = match link.verify(token) {
-        Ok(identity) => identity,
-        Err(e) => {
-            return reject(
-                link,
-                Rejection::new(id, ErrorCode::Unauthorized, format!("{}: {e}", e.reason())),
-            )
-        }
-    };
+    let identity = link
+        .verify(token)
+        .map_err(|e| Rejection::new(id, ErrorCode::Unauthorized, format!("{}: {e}", e.reason())))?;
     if identity.user != current.user {
-        return reject(
-            link,
-            Rejection::new(
-                id,
-                ErrorCode::Forbidden,
-                "a refresh must be for the same user (sub) as the connection",
-            ),
-        );
+        return Err(Rejection::new(
+            id,
+            ErrorCode::Forbidden,
+            "a refresh must be for the same user (sub) as the connection",
+        ));
     }
     link.token_expires(identity.expires);
     session.identity = Some(Box::new(identity));
     ack(link, id);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use serde_json::value::RawValue;
 
-use super::{reject, Link, Session};
+use super::{ack, Link, Session};
 use crate::error::{ErrorCode, Rejection};
 use crate::gateway::Reply;
 use crate::protocol;
@@ -11,7 +11,10 @@ use crate::topic::Topic;
 
 /// The message goes to the bus from this session ([`Session::sender`]: its
 /// user, or its connection when anonymous); the client hears `ack` or an
-/// error once the bus has answered.
+/// error once the bus has answered. The room's namespace decides whether
+/// the client may send, how large `data` may be, the rate, and whether the
+/// event is aggregated (then the ack means "counted into this node's next
+/// window").
 pub(super) async fn run(
     session: &mut Session,
     link: &impl Link,
@@ -19,22 +22,23 @@ pub(super) async fn run(
     room: &str,
     event: &str,
     data: &RawValue,
-) {
-    let Some(topic) = session.room(room) else {
-        return reject(
-            link,
-            Rejection::new(
-                id,
-                ErrorCode::NotJoined,
-                format!("join room {room:?} before sending to it"),
-            ),
-        );
+) -> Result<(), Rejection> {
+    let Some(topic) = session.room(room).cloned() else {
+        return Err(Rejection::new(
+            id,
+            ErrorCode::NotJoined,
+            format!("join room {room:?} before sending to it"),
+        ));
     };
-    if let Err(r) = session.may_send(link, id) {
-        return reject(link, r);
+    let aggregated = session.may_send_to(link, room, event, data.get().len())?;
+    if aggregated {
+        link.aggregate(&topic, event);
+        ack(link, id);
+        return Ok(());
     }
     let envelope = protocol::json_envelope(event, session.sender(link.conn_id()), data);
-    link.publish(topic.clone(), envelope, Reply::Ack(id)).await;
+    link.publish(topic, envelope, Reply::Ack(id)).await;
+    Ok(())
 }
 
 /// Only authenticated senders may write to a user (that is how co-hosts
@@ -48,23 +52,20 @@ pub(super) async fn to_user(
     user: &str,
     event: &str,
     data: &RawValue,
-) {
+) -> Result<(), Rejection> {
     if session.identity.is_none() {
-        return reject(
-            link,
-            Rejection::new(
-                id,
-                ErrorCode::Forbidden,
-                "only authenticated connections may send to users",
-            ),
-        );
+        return Err(Rejection::new(
+            id,
+            ErrorCode::Forbidden,
+            "only authenticated connections may send to users",
+        ));
     }
-    if let Err(r) = session.may_send(link, id) {
-        return reject(link, r);
-    }
+    session.may_send(link)?;
+    session.take_message(link, None, event)?;
     let envelope = protocol::json_envelope(event, session.sender(link.conn_id()), data);
     link.publish(Topic::user(user), envelope, Reply::Ack(id))
         .await;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -109,6 +110,7 @@ mod tests {
     fn anonymous_and_read_only_connections_are_forbidden_to_send_as_configured() {
         let mut link = Recorder::new();
         link.auth.anonymous_send = false;
+        link.rebuild();
         let mut anon = link.session();
         now(anon.json(&link, br#"{"op":"join","room":"r1"}"#));
         now(anon.json(&link, br#"{"op":"send","room":"r1","event":"e","id":1}"#));
@@ -162,12 +164,144 @@ mod tests {
     }
 
     #[test]
+    fn a_namespace_decides_who_sends_what_how_often_and_what_is_aggregated() {
+        use crate::namespace::{Defaults, Namespaces, RawNamespace};
+        let mut link = Recorder::new();
+        let raw: Vec<RawNamespace> = toml::from_str::<toml::Table>(
+            r#"
+            [[ns]]
+            prefix = "live:"
+            anonymous_send = false
+            max_message_bytes = 10
+            aggregate = ["like"]
+            events = { danmaku = { per_second = 1, burst = 1 } }
+            [[ns]]
+            prefix = "news:"
+            client_send = false
+            "#,
+        )
+        .unwrap()["ns"]
+            .clone()
+            .try_into()
+            .unwrap();
+        link.namespaces = Namespaces::new(
+            Defaults {
+                anonymous_join: true,
+                anonymous_send: true,
+                max_message_bytes: 65536,
+                messages: link.limits.messages,
+                aggregate: &[],
+                events: &Default::default(),
+            },
+            &raw,
+        )
+        .unwrap();
+        let mut anon = link.session();
+        let mut ana = link.session_as(identity("ana"));
+        for s in [&mut anon, &mut ana] {
+            now(s.json(&link, br#"{"op":"join","room":"live:1"}"#));
+            now(s.json(&link, br#"{"op":"join","room":"news:1"}"#));
+        }
+        link.take_replies();
+        let send = |s: &mut crate::session::Session, frame: &str| {
+            now(s.json(&link, frame.as_bytes()));
+            let reply = link.take_replies().pop().unwrap();
+            (reply["code"].as_str().unwrap_or("ack").to_owned(), reply)
+        };
+        assert_eq!(
+            send(
+                &mut anon,
+                r#"{"op":"send","room":"live:1","event":"danmaku","id":1}"#
+            )
+            .0,
+            "forbidden"
+        );
+        assert_eq!(
+            send(
+                &mut ana,
+                r#"{"op":"send","room":"news:1","event":"e","id":2}"#
+            )
+            .0,
+            "forbidden"
+        );
+        assert_eq!(
+            send(
+                &mut ana,
+                r#"{"op":"send","room":"live:1","event":"e","data":"0123456789","id":3}"#
+            )
+            .0,
+            "bad_frame"
+        );
+        assert_eq!(
+            send(
+                &mut ana,
+                r#"{"op":"send","room":"live:1","event":"danmaku","id":4}"#
+            )
+            .0,
+            "ack"
+        );
+        let (code, reply) = send(
+            &mut ana,
+            r#"{"op":"send","room":"live:1","event":"danmaku","id":5}"#,
+        );
+        assert_eq!(
+            (code.as_str(), reply["retry_ms"].as_u64()),
+            ("rate_limited", Some(1000))
+        );
+        // Another event is not held back by danmaku's rate; likes are counted, not published.
+        assert_eq!(
+            send(
+                &mut ana,
+                r#"{"op":"send","room":"live:1","event":"gift","id":6}"#
+            )
+            .0,
+            "ack"
+        );
+        for id in 7..10 {
+            let like = format!(r#"{{"op":"send","room":"live:1","event":"like","id":{id}}}"#);
+            assert_eq!(send(&mut ana, &like).0, "ack");
+        }
+        assert_eq!(link.aggregated.borrow().len(), 3);
+        let published: Vec<String> = link
+            .published
+            .borrow()
+            .iter()
+            .map(|(_, e)| e["event"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(published, ["danmaku", "gift"]);
+        assert_eq!(*link.rate_limited.borrow(), ["danmaku"]);
+    }
+
+    #[test]
+    fn a_connection_refused_past_the_abuse_threshold_is_closed() {
+        let mut link = Recorder::new();
+        link.limits.abuse_threshold = 3;
+        link.auth.anonymous_send = false;
+        link.rebuild();
+        let mut s = link.session();
+        now(s.json(&link, br#"{"op":"join","room":"r"}"#));
+        for _ in 0..3 {
+            now(s.json(&link, br#"{"op":"send","room":"r","event":"e"}"#));
+        }
+        assert!(!link.abused.get());
+        // An accepted request starts the count over.
+        now(s.json(&link, br#"{"op":"ping"}"#));
+        for _ in 0..3 {
+            now(s.json(&link, br#"{"op":"send","room":"r","event":"e"}"#));
+        }
+        assert!(!link.abused.get());
+        now(s.json(&link, br#"{"op":"send","room":"r","event":"e"}"#));
+        assert!(link.abused.get());
+    }
+
+    #[test]
     fn sends_beyond_the_rate_are_refused_with_rate_limited() {
         let mut link = Recorder::new();
         link.limits.messages = Rate {
             per_second: 1,
             burst: 2,
         };
+        link.rebuild();
         let mut s = link.session();
         now(s.json(&link, br#"{"op":"join","room":"r1"}"#));
         assert_eq!(link.take_replies()[0]["op"], "presence");
@@ -178,6 +312,8 @@ mod tests {
         let replies = link.take_replies();
         assert_eq!(replies[2]["code"], "rate_limited");
         assert_eq!(replies[2]["id"], 2);
+        // A hint: the next token is a second away (1/s).
+        assert_eq!(replies[2]["retry_ms"], 1000);
         assert_eq!(link.published.borrow().len(), 2);
         // A second later one more is allowed.
         link.now.set(1000);

@@ -9,7 +9,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::util::*;
 
-const SECRET: &str = "a-test-secret-of-at-least-32-bytes!!";
+pub const SECRET: &str = "a-test-secret-of-at-least-32-bytes!!";
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -19,7 +19,7 @@ fn unix_now() -> u64 {
 }
 
 /// An HS256 token for `sub`, valid for an hour, with `extra` claims.
-fn token(sub: &str, extra: Value) -> String {
+pub fn token(sub: &str, extra: Value) -> String {
     let mut claims = json!({"sub": sub, "exp": unix_now() + 3600});
     if let (Some(c), Some(e)) = (claims.as_object_mut(), extra.as_object()) {
         c.extend(e.clone());
@@ -32,7 +32,7 @@ fn token(sub: &str, extra: Value) -> String {
     .unwrap()
 }
 
-fn auth_env(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
+pub fn auth_env(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
     let mut env = vec![
         ("ROOMCAST__AUTH__ALGORITHM", "HS256"),
         ("ROOMCAST__AUTH__SECRET", SECRET),
@@ -43,7 +43,7 @@ fn auth_env(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'stat
 }
 
 /// A JSON client presenting `token` in the URL; returns it and its welcome.
-async fn connect(node: &Node, query: &str, token: &str) -> (Client, Value) {
+pub async fn connect(node: &Node, query: &str, token: &str) -> (Client, Value) {
     let mut c = Client::connect(&node.ws_url(&format!("{query}&token={token}"))).await;
     let welcome = c.recv_json().await;
     assert_eq!(welcome["op"], "welcome", "{welcome}");

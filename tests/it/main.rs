@@ -14,6 +14,7 @@ mod frames;
 mod json;
 mod lb;
 mod lifecycle;
+mod limits;
 mod metrics;
 mod outage;
 mod presence;

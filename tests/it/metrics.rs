@@ -72,7 +72,7 @@ async fn metrics_count_connections_and_parse_as_prometheus_text() {
 
     // One message to "even" (3 clients): 1 in, 1 published, 3 deliveries.
     let (ack, _) = clients[0]
-        .request(send_frame("even", "like", json!(1)), 1)
+        .request(send_frame("even", "gift", json!(1)), 1)
         .await;
     assert_eq!(ack["op"], "ack");
     for c in [0, 2, 4] {
