@@ -13,6 +13,9 @@
 #   QUICK=1 bash bench/compare.sh         # short smoke run
 #   SERVERS="roomcast uws node-ws" bash bench/compare.sh
 #   MODE=idle CONNS=10000 bash bench/compare.sh
+#   AUTH=1 BASE_BIN=target/release/roomcast SERVERS="roomcast-base roomcast" bash bench/compare.sh
+#              the `roomcast` kind runs with JWT auth required (HS256) and every bench
+#              connection presents a token; roomcast-base runs without: auth on vs off
 #   MODE=ramp bash bench/compare.sh
 #
 # See bench/README.md for every variable.
@@ -60,6 +63,7 @@ export -n ROOMCAST_PROTOCOLS
 SERVER_CPU=${SERVER_CPU:-0}         # core for Redis and the server under test
 BENCH_CPU=${BENCH_CPU:-1}           # core for the load generator
 SKIP_BUILD=${SKIP_BUILD:-0}
+AUTH=${AUTH:-0}                     # 1: the roomcast kind requires a JWT (see above)
 RESULTS_DIR=${RESULTS_DIR:-$ROOT/bench/results}
 
 die() { echo "compare.sh: $*" >&2; exit 1; }
@@ -238,6 +242,18 @@ PIDS+=("$REDIS_PID")
 wait_until 10 "$REDIS_PID" "$WORK/redis.log" redis-server redis_ping "$REDIS_PORT"
 REDIS_URL=redis://127.0.0.1:$REDIS_PORT
 
+if [[ $AUTH == 1 ]]; then
+  # One HS256 token (sub "bench", valid a day) for every bench connection.
+  AUTH_SECRET=bench-secret-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
+  AUTH_TOKEN=$(AUTH_SECRET=$AUTH_SECRET python3 -c '
+import base64, hashlib, hmac, json, os, time
+b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+body = b64(json.dumps({"sub": "bench", "exp": int(time.time()) + 86400}).encode())
+sig = hmac.new(os.environ["AUTH_SECRET"].encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
+print(f"{head}.{body}.{b64(sig)}")')
+fi
+
 # ---------------------------------------------------------------- one run
 SERVER_PIDS=() URLS=()
 
@@ -248,9 +264,13 @@ start_server() { # start_server NAME LOGFILE: NODES processes of one kind
     port=$(free_port)
     case $name in
       roomcast | roomcast-base)
-        local bin=$ROOMCAST_BIN
+        local bin=$ROOMCAST_BIN auth_env=()
         [[ $name == roomcast ]] || bin=$BASE_BIN
-        env -u RUST_LOG \
+        if [[ $name == roomcast && $AUTH == 1 ]]; then
+          auth_env=(ROOMCAST__AUTH__ALGORITHM=HS256 ROOMCAST__AUTH__SECRET="$AUTH_SECRET"
+            ROOMCAST__AUTH__ANONYMOUS=false)
+        fi
+        env -u RUST_LOG "${auth_env[@]}" \
           ROOMCAST__SERVER__LISTEN="127.0.0.1:$port" \
           ROOMCAST__NODE__ID="bench-$i" \
           ROOMCAST__BUS__KIND=redis \
@@ -311,6 +331,7 @@ run_one() { # run_one SERVER PROTOCOL
   local server=$1 proto=$2 label tag out err limit rc t0 t1 r0 r1
   label=$server
   [[ $server != roomcast* ]] || label="$server ($proto)"
+  [[ ! ($server == roomcast && $AUTH == 1) ]] || label="$label +auth"
   [[ $NODES == 1 ]] || label="$label x$NODES nodes"
   RUN_NO=$((${RUN_NO:-0} + 1))
   tag=$server-$proto-$RUN_NO
@@ -336,6 +357,7 @@ run_one() { # run_one SERVER PROTOCOL
       ;;
   esac
   for pid in "${SERVER_PIDS[@]}"; do cmd+=(--server-pid "$pid"); done
+  [[ ! ($server == roomcast && $AUTH == 1) ]] || cmd+=(--token "$AUTH_TOKEN")
   log "$label: roomcast-bench ${cmd[*]:1}  (core $BENCH_CPU, limit ${limit}s)"
   echo "${cmd[*]}" >"$err"
 

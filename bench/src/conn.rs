@@ -51,6 +51,8 @@ pub struct Target {
     pub base: String,
     /// Resolved socket address (filled by `resolve`).
     pub addr: Option<SocketAddr>,
+    /// A token for roomcast's `token=` parameter (`--token`), URL-safe as given.
+    pub token: Option<String>,
 }
 
 impl Target {
@@ -113,6 +115,7 @@ impl Target {
             port,
             base: path.trim_end_matches('/').to_string(),
             addr,
+            token: None,
         })
     }
 
@@ -153,9 +156,14 @@ impl Target {
 
     /// Path and query for joining `room` with `protocol`.
     pub fn path_for(&self, protocol: Protocol, room: &str) -> String {
+        let token = self
+            .token
+            .as_ref()
+            .map(|t| format!("&token={t}"))
+            .unwrap_or_default();
         match protocol {
-            Protocol::Json => format!("{}/ws?room={room}", self.base),
-            Protocol::Raw => format!("{}/ws?room={room}&format=raw", self.base),
+            Protocol::Json => format!("{}/ws?room={room}{token}", self.base),
+            Protocol::Raw => format!("{}/ws?room={room}&format=raw{token}", self.base),
             Protocol::Plain => format!("{}/{room}", self.base),
         }
     }
@@ -472,6 +480,12 @@ mod tests {
         );
         let t = Target::parse("ws://[::1]:9/gw/").unwrap();
         assert_eq!(t.url_for(Protocol::Json, "r"), "ws://[::1]:9/gw/ws?room=r");
+        let mut authed = t.clone();
+        authed.token = Some("a.b.c".into());
+        assert_eq!(
+            authed.url_for(Protocol::Json, "r"),
+            "ws://[::1]:9/gw/ws?room=r&token=a.b.c"
+        );
         assert_eq!(t.url_for(Protocol::Plain, "r"), "ws://[::1]:9/gw/r");
         // The handshake request builder accepts what we build.
         assert!(t.url_for(Protocol::Raw, "r").into_client_request().is_ok());

@@ -78,6 +78,9 @@ struct CommonArgs {
     /// Allow non-loopback hosts (off by default: this tool is a load generator)
     #[arg(long)]
     allow_remote: bool,
+    /// A JWT every connection presents (roomcast's `?token=`), to measure with auth on
+    #[arg(long)]
+    token: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -239,7 +242,8 @@ fn check_common(c: &CommonArgs) -> Result<Vec<Target>, UsageError> {
     }
     let mut targets = Vec::new();
     for u in &c.urls {
-        let t = Target::parse(u).map_err(UsageError)?;
+        let mut t = Target::parse(u).map_err(UsageError)?;
+        t.token = c.token.clone();
         if !c.allow_remote && !t.is_loopback() {
             return Err(UsageError(format!(
                 "refusing non-loopback URL {u}: only 127.0.0.0/8, ::1 and localhost are allowed (pass --allow-remote to override)"
