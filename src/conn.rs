@@ -157,6 +157,9 @@ impl Conn {
             for topic in self.session.rooms() {
                 gw.hub.leave(topic, peer);
             }
+            // Boxed: rare next to waiting, and kept out of every idle connection's state.
+            let link = NodeLink { gw, peer };
+            Box::pin(self.session.ended(&link)).await;
             if let Some(user) = self.session.user() {
                 let topic = Topic::user(user);
                 gw.hub.leave(&topic, peer);

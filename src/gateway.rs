@@ -18,12 +18,13 @@ use crate::bus::{Bus, BusError, PublishResult};
 use crate::config::Config;
 use crate::expiry::Expiries;
 use crate::hub::Hub;
-use crate::limit::TokenBucket;
+use crate::limit::{Rate, TokenBucket};
 use crate::metrics::Metrics;
 use crate::peer::Peer;
 use crate::presence::Presence;
-use crate::protocol::{self, Rejection};
+use crate::protocol::{self, Rejection, Sender};
 use crate::topic::Topic;
+use serde_json::value::RawValue;
 
 /// Client messages waiting for the publisher task, node-wide.
 const PUBLISH_QUEUE: usize = 8192;
@@ -42,7 +43,8 @@ pub struct Publish {
 pub enum Reply {
     /// JSON `send`: an `ack` with this id (none without an id), or an error frame.
     Ack(Option<u64>),
-    /// Raw mode: nothing; a refused message is counted as dropped.
+    /// Raw mode, and messages the node makes (join/leave events): nothing;
+    /// a refused message is counted as dropped.
     Raw,
 }
 
@@ -60,6 +62,8 @@ pub struct Gateway {
     connection_bucket: Mutex<TokenBucket>,
     /// Connections per client address (`limits.max_connections_per_ip`).
     per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Join/leave events per namespace id (`join_leave_per_second`).
+    join_leave: Mutex<Vec<TokenBucket>>,
     /// This node's id (resolved from config: never empty).
     pub node_id: String,
     pub hub: Arc<Hub>,
@@ -82,6 +86,14 @@ pub struct Admission(Arc<Gateway>);
 impl Drop for Admission {
     fn drop(&mut self) {
         self.0.admitted.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Join/leave events: `per_second`, in bursts of as many.
+fn join_leave_rate(per_second: u32) -> Rate {
+    Rate {
+        per_second,
+        burst: per_second,
     }
 }
 
@@ -134,6 +146,14 @@ impl Gateway {
             user_buckets: Mutex::new(HashMap::new()),
             connection_bucket: Mutex::new(TokenBucket::new(config.limits.connections, 0)),
             per_ip: Mutex::new(HashMap::new()),
+            join_leave: Mutex::new(
+                config
+                    .namespaces
+                    .by_id()
+                    .iter()
+                    .map(|ns| TokenBucket::new(join_leave_rate(ns.join_leave_per_second), 0))
+                    .collect(),
+            ),
             config,
             node_id,
             hub,
@@ -187,6 +207,44 @@ impl Gateway {
             true => Ok(()),
             false => Err(bucket.retry_ms(rate)),
         }
+    }
+
+    /// Announce `event` ("join" or "leave") of `sender` in room `topic`, if
+    /// the room's namespace has join/leave events and its rate allows;
+    /// beyond the rate, events are dropped (counted).
+    pub async fn announce(
+        &self,
+        topic: &Topic,
+        room: &str,
+        event: &str,
+        sender: Sender<'_>,
+        peer: &Arc<Peer>,
+    ) {
+        let ns = self.config.namespaces.of(room);
+        if ns.join_leave_per_second == 0 {
+            return;
+        }
+        let rate = join_leave_rate(ns.join_leave_per_second);
+        let allowed = self
+            .join_leave
+            .lock()
+            .get_mut(ns.id)
+            .is_some_and(|b| b.allow(rate, self.hub.now_ms()));
+        if !allowed {
+            self.metrics
+                .messages_dropped
+                .with_label_values(&["rate_limited"])
+                .inc();
+            return;
+        }
+        let envelope = protocol::json_envelope(event, sender, RawValue::NULL);
+        self.enqueue(Publish {
+            topic: topic.clone(),
+            envelope,
+            peer: peer.clone(),
+            reply: Reply::Raw,
+        })
+        .await;
     }
 
     /// The user has no connection left here: forget its bucket.

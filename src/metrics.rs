@@ -34,6 +34,7 @@ pub struct Metrics {
     pub auth_failures: IntCounterVec,
     pub token_expiries: IntCounter,
     pub rate_limited: IntCounterVec,
+    pub api_requests: IntCounterVec,
     pub aggregated_events: IntCounterVec,
     pub aggregated_lost: IntCounter,
     pub abuse_disconnects: IntCounter,
@@ -114,6 +115,17 @@ impl Metrics {
                 for reason in crate::auth::AuthError::REASONS {
                     c.with_label_values(&[reason]);
                 }
+                c
+            },
+            api_requests: {
+                let c = IntCounterVec::new(
+                    Opts::new(
+                        "roomcast_api_requests_total",
+                        "Requests to /api/*, by endpoint (publish, rooms, room, other) and HTTP status",
+                    ),
+                    &["endpoint", "status"],
+                )?;
+                registry.register(Box::new(c.clone()))?;
                 c
             },
             rate_limited: counter_vec(

@@ -35,6 +35,10 @@ pub struct RawNamespace {
     pub aggregate: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub events: BTreeMap<String, RawRate>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join_leave_events: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join_leave_per_second: Option<u32>,
 }
 
 /// A rate as written: `{ per_second = 2, burst = 5 }`.
@@ -66,6 +70,9 @@ pub struct Namespace {
     pub aggregate: Vec<String>,
     /// Events with a rate of their own: (event, rate, rule id).
     pub events: EventRates,
+    /// `join` / `leave` events for signed-in users, at most this many per
+    /// second per node (0: none).
+    pub join_leave_per_second: u32,
 }
 
 impl Namespace {
@@ -81,6 +88,9 @@ impl Namespace {
             .map(|(_, rate, id)| (*rate, *id))
     }
 }
+
+/// `join_leave_per_second` when a namespace turns join/leave events on.
+const DEFAULT_JOIN_LEAVE_RATE: u32 = 10;
 
 /// Per-event rates as resolved: (event, rate, rule id).
 type EventRates = Vec<(String, Rate, usize)>;
@@ -150,6 +160,7 @@ impl Namespaces {
             messages: defaults.messages,
             aggregate: defaults.aggregate.to_vec(),
             events: default_events,
+            join_leave_per_second: 0,
         };
         let mut rules: Vec<Namespace> = Vec::new();
         for (i, ns) in raw.iter().enumerate() {
@@ -198,7 +209,18 @@ impl Namespaces {
                     own.push(inherited.clone());
                 }
             }
+            let join_leave_per_second = match (ns.join_leave_events, ns.join_leave_per_second) {
+                (Some(true), rate) => rate.unwrap_or(DEFAULT_JOIN_LEAVE_RATE).max(1),
+                (_, None) => 0,
+                (_, Some(_)) => {
+                    return Err((
+                        key("join_leave_per_second"),
+                        "needs join_leave_events = true".into(),
+                    ))
+                }
+            };
             rules.push(Namespace {
+                join_leave_per_second,
                 id: i + 1,
                 prefix: ns.prefix.clone(),
                 anonymous_join: ns.anonymous_join.unwrap_or(base.anonymous_join),
@@ -227,6 +249,13 @@ impl Namespaces {
             .iter()
             .find(|ns| room.starts_with(&ns.prefix))
             .unwrap_or(&self.defaults)
+    }
+
+    /// The defaults and every rule, in id order.
+    pub fn by_id(&self) -> Vec<&Namespace> {
+        let mut all: Vec<&Namespace> = std::iter::once(&self.defaults).chain(&self.rules).collect();
+        all.sort_by_key(|ns| ns.id);
+        all
     }
 
     /// Every event that is aggregated somewhere (for metric labels).
@@ -281,6 +310,8 @@ mod tests {
             messages_burst: None,
             aggregate: None,
             events: BTreeMap::new(),
+            join_leave_events: None,
+            join_leave_per_second: None,
         }
     }
 

@@ -278,6 +278,30 @@ const ROOMS: &str = "/api/rooms/";
 
 /// Answer one request on a listener of `edge.role`.
 pub(crate) async fn route(edge: &Edge, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    let endpoint = api_endpoint(req.uri().path());
+    let resp = answer(edge, peer, req).await;
+    if let Some(endpoint) = endpoint {
+        edge.gw
+            .metrics
+            .api_requests
+            .with_label_values(&[endpoint, resp.status().as_str()])
+            .inc();
+    }
+    resp
+}
+
+/// The `endpoint` label of an `/api/` path (bounded: never the room).
+fn api_endpoint(path: &str) -> Option<&'static str> {
+    match path {
+        "/api/publish" => Some("publish"),
+        "/api/rooms" => Some("rooms"),
+        p if p.starts_with(ROOMS) => Some("room"),
+        p if p.starts_with("/api/") => Some("other"),
+        _ => None,
+    }
+}
+
+async fn answer(edge: &Edge, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let gw = edge.gw.clone();
     let path = req.uri().path();
     if !edge.role.serves(path) {

@@ -42,6 +42,7 @@ pub(super) async fn run(
     }
     ack(link, id);
     link.reply(&protocol::presence_frame(room, link.joined(&topic)));
+    session.announce(link, &topic, "join").await;
     session.rooms.push(topic);
     Ok(())
 }

@@ -3,7 +3,7 @@
 use super::{ack, Link, Session};
 use crate::error::{ErrorCode, Rejection};
 
-pub(super) fn run(
+pub(super) async fn run(
     session: &mut Session,
     link: &impl Link,
     id: Option<u64>,
@@ -19,6 +19,7 @@ pub(super) fn run(
     let topic = session.rooms.swap_remove(pos);
     link.leave(&topic);
     ack(link, id);
+    session.announce(link, &topic, "leave").await;
     Ok(())
 }
 

@@ -68,6 +68,9 @@ pub(crate) trait Link {
     fn rate_limited(&self, label: &str);
     /// Close the connection for abuse (4004).
     fn abused(&self);
+    /// Tell room `topic` that `sender` joined or left (`event`), if its
+    /// namespace wants join/leave events.
+    async fn announce(&self, topic: &Topic, room: &str, event: &str, sender: protocol::Sender<'_>);
 }
 
 /// One connection's state, beyond its socket.
@@ -109,6 +112,25 @@ impl Session {
     /// The rooms to leave when the connection ends.
     pub fn rooms(&self) -> &[Topic] {
         &self.rooms
+    }
+
+    /// The connection ends: announce that its user left its rooms (where
+    /// namespaces want join/leave events).
+    pub async fn ended(&self, link: &impl Link) {
+        for topic in &self.rooms {
+            self.announce(link, topic, "leave").await;
+        }
+    }
+
+    /// A join or leave of a signed-in user, for rooms that want them.
+    async fn announce(&self, link: &impl Link, topic: &Topic, event: &str) {
+        if self.identity.is_none() {
+            return;
+        }
+        if let Target::Room(room) = topic.target() {
+            link.announce(topic, room, event, self.sender(link.conn_id()))
+                .await;
+        }
     }
 
     /// The authenticated user, if any.
@@ -300,7 +322,7 @@ impl Session {
             Err(rejection) => Err(rejection),
             Ok(()) => match request {
                 Request::Join { room } => join::run(self, link, id, &room).await,
-                Request::Leave { room } => leave::run(self, link, id, &room),
+                Request::Leave { room } => leave::run(self, link, id, &room).await,
                 Request::Send { room, event, data } => {
                     send::run(self, link, id, &room, &event, data).await
                 }
@@ -431,6 +453,12 @@ impl Link for NodeLink<'_> {
             .inc();
     }
 
+    async fn announce(&self, topic: &Topic, room: &str, event: &str, sender: protocol::Sender<'_>) {
+        self.gw
+            .announce(topic, room, event, sender, self.peer)
+            .await
+    }
+
     fn abused(&self) {
         self.gw.metrics.abuse_disconnects.inc();
         self.peer
@@ -523,6 +551,7 @@ pub(crate) mod testing {
         pub aggregated: RefCell<Vec<(Topic, String)>>,
         pub rate_limited: RefCell<Vec<String>>,
         pub abused: std::cell::Cell<bool>,
+        pub announced: RefCell<Vec<(Topic, String, String)>>,
         pub auth: AuthConfig,
         /// What `verify` answers.
         pub tokens: RefCell<Vec<(&'static str, Result<Identity, AuthError>)>>,
@@ -572,6 +601,7 @@ pub(crate) mod testing {
                 aggregated: RefCell::default(),
                 rate_limited: RefCell::default(),
                 abused: false.into(),
+                announced: RefCell::default(),
                 auth: AuthConfig {
                     algorithm: None,
                     key: Vec::new(),
@@ -707,6 +737,19 @@ pub(crate) mod testing {
         }
         fn abused(&self) {
             self.abused.set(true);
+        }
+        async fn announce(
+            &self,
+            topic: &Topic,
+            _room: &str,
+            event: &str,
+            sender: protocol::Sender<'_>,
+        ) {
+            self.announced.borrow_mut().push((
+                topic.clone(),
+                event.to_owned(),
+                sender.from.to_owned(),
+            ));
         }
     }
 

@@ -52,6 +52,11 @@ async fn the_api_needs_a_configured_key_and_is_closed_without_one() {
     }
     // Nothing refused was delivered.
     next_is_marker(&node, &mut on_node, "r").await;
+    let count = |status: &str| {
+        format!("roomcast_api_requests_total{{endpoint=\"publish\",status=\"{status}\"}}")
+    };
+    assert_eq!(node.metric(&count("401")).await, 4.0);
+    assert_eq!(node.metric(&count("200")).await, 3.0);
     let (mut sender, _) = Client::json(&closed, &["r"]).await;
     let (ack, _) = sender
         .request(send_frame("r", "marker", json!(null)), 1)

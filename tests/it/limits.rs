@@ -385,3 +385,68 @@ async fn a_users_rate_holds_across_its_connections_on_a_node() {
         1.0
     );
 }
+
+#[tokio::test]
+async fn rooms_that_want_them_get_join_and_leave_events_of_signed_in_users() {
+    use crate::auth::{auth_env, connect, token};
+    let redis = Redis::start().await;
+    let toml = "[[namespaces]]\nprefix = \"stage:\"\njoin_leave_events = true\n";
+    let env = |node: &'static str| {
+        let mut env: Vec<(&'static str, String)> = auth_env(&[])
+            .into_iter()
+            .map(|(k, v)| (k, v.to_string()))
+            .collect();
+        env.extend(redis_env(&redis, node));
+        env
+    };
+    let a_env = env("a");
+    let b_env = env("b");
+    let a = Node::ready(file_config(toml, &env_refs(&a_env))).await;
+    let b = Node::ready(file_config(toml, &env_refs(&b_env))).await;
+    let (mut watcher, _) = Client::json(&b, &["stage:1", "chat"]).await;
+    let ana = token("ana", json!({"info": {"name": "Ana"}}));
+    let (mut c, _) = connect(&a, "room=chat", &ana).await;
+    // An anonymous viewer's join is not announced; a room without the rule says nothing.
+    let (mut anon, _) = Client::json(&a, &[]).await;
+    let (ack, _) = anon
+        .request(json!({"op": "join", "room": "stage:1"}), 1)
+        .await;
+    assert_eq!(ack["op"], "ack");
+    let (ack, _) = c.request(json!({"op": "join", "room": "stage:1"}), 2).await;
+    assert_eq!(ack["op"], "ack");
+    let joined = next_msg(&mut watcher).await;
+    assert_eq!(
+        (
+            joined["event"].as_str(),
+            joined["room"].as_str(),
+            joined["from"].as_str()
+        ),
+        (Some("join"), Some("stage:1"), Some("ana"))
+    );
+    assert_eq!(joined["info"]["name"], "Ana");
+    let (ack, _) = c
+        .request(json!({"op": "leave", "room": "stage:1"}), 3)
+        .await;
+    assert_eq!(ack["op"], "ack");
+    assert_eq!(next_msg(&mut watcher).await["event"], "leave");
+    let (ack, _) = c.request(json!({"op": "join", "room": "stage:1"}), 4).await;
+    assert_eq!(ack["op"], "ack");
+    assert_eq!(next_msg(&mut watcher).await["event"], "join");
+    // Disconnecting leaves every room: announced where wanted (stage:1, not chat).
+    c.close().await;
+    let left = next_msg(&mut watcher).await;
+    assert_eq!(
+        (left["event"].as_str(), left["room"].as_str()),
+        (Some("leave"), Some("stage:1"))
+    );
+    let (mut poster, _) = Client::json(&b, &["chat"]).await;
+    let (ack, _) = poster
+        .request(send_frame("chat", "marker", json!(null)), 5)
+        .await;
+    assert_eq!(ack["op"], "ack");
+    assert_eq!(
+        next_msg(&mut watcher).await["event"],
+        "marker",
+        "nothing else came"
+    );
+}
