@@ -5,6 +5,7 @@
 # Optional peers, named in SERVERS:
 #   uws        uWebSockets.js (native uWS) + ioredis (bench/peers/uws), same Redis layout as node-ws
 #   python-ws  the single-process Python `websockets` server (bench/peers/python-ws, no Redis)
+#   ROOMCAST_BIN=path  the binary of the `roomcast` kind (default target/release/roomcast)
 #   roomcast-base  another roomcast binary, BASE_BIN (e.g. a build of an earlier commit), for an
 #              A/B inside one run; name kinds more than once to alternate them:
 #   BASE_BIN=/tmp/base/release/roomcast SERVERS="roomcast-base roomcast roomcast-base roomcast" bash bench/compare.sh
@@ -111,7 +112,9 @@ CLK_TCK=$(getconf CLK_TCK)
 # ---------------------------------------------------------------- build
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 [[ $TARGET_DIR == /* ]] || TARGET_DIR=$ROOT/$TARGET_DIR
-ROOMCAST_BIN=$TARGET_DIR/release/roomcast
+# ROOMCAST_BIN: the binary of the `roomcast` kind (default: this checkout's release build).
+ROOMCAST_BIN=${ROOMCAST_BIN:-$TARGET_DIR/release/roomcast}
+export -n ROOMCAST_BIN
 BENCH_BIN=$TARGET_DIR/release/roomcast-bench
 PEER_DIR=$ROOT/bench/peers/node-ws
 UWS_DIR=$ROOT/bench/peers/uws
