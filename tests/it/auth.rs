@@ -335,22 +335,6 @@ async fn refresh_replaces_the_token_and_an_expired_one_closes_the_connection_wit
     assert_eq!(pong["op"], "pong");
 }
 
-/// `openssl` in `dir` (the TLS test generates certificates the same way).
-fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let out = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run openssl ({e}): install it with `apt-get install -y openssl`")
-        });
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[tokio::test]
 async fn rs256_and_es256_tokens_verify_with_a_pem_public_key_and_hs256_confusion_fails() {
     let dir = std::env::temp_dir().join(format!(

@@ -3,7 +3,6 @@
 //! this test generates with the `openssl` command.
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use serde_json::json;
 
@@ -22,20 +21,7 @@ impl Certs {
             free_port()
         ));
         std::fs::create_dir_all(&dir).expect("cert dir");
-        let openssl = |args: &[&str]| {
-            let out = Command::new("openssl")
-                .args(args)
-                .current_dir(&dir)
-                .output()
-                .unwrap_or_else(|e| {
-                    panic!("cannot run openssl ({e}): install it with `apt-get install -y openssl`")
-                });
-            assert!(
-                out.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
+        let openssl = |args: &[&str]| openssl(&dir, args);
         let ec = [
             "-newkey",
             "ec",
