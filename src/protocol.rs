@@ -109,12 +109,21 @@ pub use crate::error::{ErrorCode, Rejection};
 /// What room names may be, for error messages.
 const ROOM_RULE: &str = "room names are 1-128 characters of A-Z a-z 0-9 _ - . : @";
 
+/// `Ok` if `valid`, else a refusal with `code` and `message`.
+fn require(
+    valid: bool,
+    code: ErrorCode,
+    message: impl FnOnce() -> String,
+) -> Result<(), Rejection> {
+    match valid {
+        true => Ok(()),
+        false => Err(Rejection::new(None, code, message())),
+    }
+}
+
 /// A room name fit to join or publish to (`bad_room` otherwise).
 pub fn check_room(room: &str) -> Result<(), Rejection> {
-    match valid_room(room) {
-        true => Ok(()),
-        false => Err(Rejection::new(None, ErrorCode::BadRoom, ROOM_RULE)),
-    }
+    require(valid_room(room), ErrorCode::BadRoom, || ROOM_RULE.into())
 }
 
 /// Longest user id, in bytes.
@@ -127,38 +136,26 @@ pub fn valid_user(user: &str) -> bool {
 
 /// A user id fit to send to (`bad_request` otherwise).
 pub fn check_user(user: &str) -> Result<(), Rejection> {
-    match valid_user(user) {
-        true => Ok(()),
-        false => Err(Rejection::new(
-            None,
-            ErrorCode::BadRequest,
-            "user ids are 1-128 bytes without control characters",
-        )),
-    }
+    require(valid_user(user), ErrorCode::BadRequest, || {
+        "user ids are 1-128 bytes without control characters".into()
+    })
 }
 
 /// An event name of 1–[`MAX_EVENT_LEN`] bytes (`bad_frame` otherwise).
 pub fn check_event(event: &str) -> Result<(), Rejection> {
-    match !event.is_empty() && event.len() <= MAX_EVENT_LEN {
-        true => Ok(()),
-        false => Err(Rejection::new(
-            None,
-            ErrorCode::BadFrame,
-            "`event` must be 1-128 bytes",
-        )),
-    }
+    let valid = !event.is_empty() && event.len() <= MAX_EVENT_LEN;
+    require(valid, ErrorCode::BadFrame, || {
+        "`event` must be 1-128 bytes".into()
+    })
 }
 
 /// Message data nested at most [`MAX_JSON_DEPTH`] deep (`bad_frame` otherwise).
 pub fn check_data(data: &RawValue) -> Result<(), Rejection> {
-    match json_depth_within(data.get(), MAX_JSON_DEPTH) {
-        true => Ok(()),
-        false => Err(Rejection::new(
-            None,
-            ErrorCode::BadFrame,
-            format!("`data` nests deeper than {MAX_JSON_DEPTH} levels"),
-        )),
-    }
+    require(
+        json_depth_within(data.get(), MAX_JSON_DEPTH),
+        ErrorCode::BadFrame,
+        || format!("`data` nests deeper than {MAX_JSON_DEPTH} levels"),
+    )
 }
 
 /// A client → server JSON frame, borrowed from the received text.
