@@ -468,3 +468,40 @@ fn auth_settings_are_checked_and_errors_name_the_key() {
         assert!(err.starts_with(key), "{pairs:?}: {err}");
     }
 }
+
+#[tokio::test]
+async fn on_one_node_with_the_memory_bus_users_get_their_messages_the_same_way() {
+    let node = Node::start(config(&auth_env(&[]))).await;
+    let bob = token("bob", json!({}));
+    let (mut phone, _) = connect(&node, "", &bob).await;
+    let (mut laptop, _) = connect(&node, "", &bob).await;
+    let (mut ana, _) = connect(&node, "", &token("ana", json!({}))).await;
+    let (ack, _) = ana
+        .request(
+            json!({"op": "send", "to": "bob", "event": "notice", "data": 1}),
+            1,
+        )
+        .await;
+    assert_eq!(ack["op"], "ack");
+    let (status, body) = node
+        .request(
+            "POST",
+            "/api/publish",
+            r#"{"to":"bob","event":"live","data":2}"#,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    for c in [&mut phone, &mut laptop] {
+        let first = c.recv_json().await;
+        assert_eq!(
+            (
+                first["to"].as_str(),
+                first["from"].as_str(),
+                first["data"].as_i64()
+            ),
+            (Some("bob"), Some("ana"), Some(1))
+        );
+        assert_eq!(c.recv_json().await["data"], 2);
+    }
+    assert_eq!(node.metric("roomcast_users").await, 2.0);
+}
