@@ -346,17 +346,25 @@ impl Session {
             self.refusals = 0;
             return;
         };
-        if matches!(
-            rejection.code,
-            ErrorCode::RateLimited | ErrorCode::Forbidden
-        ) {
-            self.refusals = self.refusals.saturating_add(1);
-            let threshold = link.limits().abuse_threshold;
-            if threshold > 0 && self.refusals > threshold {
-                return link.abused();
-            }
+        if !self.abusive(link, rejection.code) {
+            reject(link, rejection);
         }
-        reject(link, rejection);
+    }
+
+    /// Count a refusal with `code` towards the abuse close; `true` when
+    /// this one crossed `limits.abuse_threshold` and the connection is
+    /// being closed (4004).
+    fn abusive(&mut self, link: &impl Link, code: ErrorCode) -> bool {
+        if !matches!(code, ErrorCode::RateLimited | ErrorCode::Forbidden) {
+            return false;
+        }
+        self.refusals = self.refusals.saturating_add(1);
+        let threshold = link.limits().abuse_threshold;
+        if threshold > 0 && self.refusals > threshold {
+            link.abused();
+            return true;
+        }
+        false
     }
 
     /// A raw-mode frame: published to the connection's room.

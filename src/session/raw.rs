@@ -7,7 +7,7 @@ use crate::topic::Target;
 
 /// Rate-limited and permitted like JSON sends; a frame beyond the rate, not
 /// allowed, or refused by the bus is dropped and counted, as a raw client
-/// has no error frames.
+/// has no error frames. Refusals count towards the abuse close as JSON ones do.
 pub(super) async fn run(session: &mut Session, link: &impl Link, payload: &[u8], binary: bool) {
     let Some(topic) = session.rooms.first().cloned() else {
         return;
@@ -17,8 +17,12 @@ pub(super) async fn run(session: &mut Session, link: &impl Link, payload: &[u8],
         Target::User(_) => return,
     };
     if let Err(refused) = session.may_send_to(link, room, "message", payload.len()) {
-        return link.dropped(refused.code.as_str());
+        if !session.abusive(link, refused.code) {
+            link.dropped(refused.code.as_str());
+        }
+        return;
     }
+    session.refusals = 0;
     let envelope = protocol::raw_envelope(session.sender(link.conn_id()), payload, binary);
     link.publish(topic, envelope, Reply::Raw).await;
 }
@@ -46,6 +50,13 @@ mod tests {
         assert_eq!(published[0].1["raw"], "text");
         assert_eq!(published[0].1["data"], "hi");
         assert_eq!(*link.dropped.borrow(), ["rate_limited"]);
+        // Past limits.abuse_threshold refusals in a row, the connection is closed.
+        drop(published);
+        link.limits.abuse_threshold = 2;
+        for _ in 0..3 {
+            now(s.raw(&link, b"flood", false));
+        }
+        assert!(link.abused.get());
         assert!(link.take_replies().is_empty());
     }
 }
