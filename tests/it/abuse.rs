@@ -244,6 +244,8 @@ async fn raw_frames_beyond_the_rate_limit_are_dropped_and_counted() {
     let node = Node::ready(config(&[
         ("ROOMCAST__LIMITS__MESSAGES_PER_SECOND", "10"),
         ("ROOMCAST__LIMITS__MESSAGES_BURST", "20"),
+        // Every frame is dropped and counted here; the abuse close is tested below.
+        ("ROOMCAST__LIMITS__ABUSE_THRESHOLD", "0"),
     ]))
     .await;
     let mut publish = publisher(&node, "r").await;
@@ -270,7 +272,7 @@ async fn raw_frames_beyond_the_rate_limit_are_dropped_and_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_and_leave_storms_are_rate_limited_and_cannot_flood_redis() {
     let redis = Redis::start().await;
-    // Every refusal is answered here (the abuse close has its own test, limits.rs).
+    // Every refusal is answered here (the abuse close has its own tests).
     let node = Node::ready(redis_config(
         &redis,
         "a",
@@ -357,4 +359,28 @@ async fn deeply_nested_data_is_refused_and_error_frames_do_not_echo_large_input(
         }
         other => panic!("expected an error frame, got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn a_raw_client_flooding_past_its_rate_is_closed_with_4004() {
+    let node = Node::ready(config(&[
+        ("ROOMCAST__LIMITS__MESSAGES_PER_SECOND", "10"),
+        ("ROOMCAST__LIMITS__MESSAGES_BURST", "20"),
+        ("ROOMCAST__LIMITS__ABUSE_THRESHOLD", "50"),
+    ]))
+    .await;
+    let mut flood = Client::raw(&node, "r").await;
+    for i in 0..200u32 {
+        // The server may close while we are still sending: stop then.
+        if flood
+            .ws
+            .send(Message::binary(i.to_be_bytes().to_vec()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    assert_eq!(flood.closed().await, 4004);
+    assert_eq!(node.metric("roomcast_abuse_disconnects_total").await, 1.0);
 }
