@@ -1,11 +1,14 @@
 //! Closing connections whose token expires (`auth.close_on_expiry`): one
 //! node-wide task and a queue of deadlines, not a timer per connection.
 //!
-//! A refresh schedules the new expiry and leaves the old entry in the
-//! queue; when the old one comes due it no longer matches the peer's
-//! current expiry and is skipped. Deadlines are Unix seconds (`exp`), and a
-//! connection is closed with 4003 at most about a second after its token
-//! expires (plus `auth.leeway`, as when it was checked).
+//! The queue holds one entry per connection, whatever its refreshes: a
+//! refresh only changes the peer's current expiry, and when the entry comes
+//! due and the token has been extended, it is put back at the new expiry.
+//! (A refresh to an *earlier* expiry takes effect at the old deadline.) So a
+//! client refreshing as fast as its rate allows costs no memory. Deadlines
+//! are Unix seconds (`exp`), and a connection is closed with 4003 at most
+//! about a second after its token expires (plus `auth.leeway`, as when it
+//! was checked).
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -30,7 +33,7 @@ pub struct Expiries {
 
 impl Expiries {
     /// Close connection `seq` once `deadline` (Unix seconds) has passed,
-    /// unless its expiry has changed by then.
+    /// unless its token has been extended by then.
     pub fn schedule(&self, deadline: u64, seq: u64) {
         let mut queue = self.queue.lock();
         let earliest = queue.peek().is_none_or(|Reverse((d, _))| deadline < *d);
@@ -65,7 +68,10 @@ pub async fn run(gw: Arc<Gateway>, stop: CancellationToken) {
             let Some(peer) = gw.hub.peer(seq) else {
                 continue;
             };
-            if peer.token_expires() == deadline && peer.closing().is_none() {
+            let current = peer.token_expires();
+            if current > deadline {
+                gw.expiries.schedule(current, seq);
+            } else if peer.closing().is_none() {
                 gw.metrics.token_expiries.inc();
                 peer.close(close::TOKEN_EXPIRED, "token expired", true);
             }

@@ -484,10 +484,8 @@ impl Link for NodeLink<'_> {
     }
 
     fn token_expires(&self, exp: u64) {
-        if self.gw.config.auth.close_on_expiry {
-            self.peer.set_token_expires(exp);
-            self.gw.expiries.schedule(exp, self.peer.seq);
-        }
+        // The connection's entry in the expiry queue follows it (expiry.rs).
+        self.peer.set_token_expires(exp);
     }
 
     fn now_ms(&self) -> u64 {
