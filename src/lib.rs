@@ -11,15 +11,18 @@
 //!   a WebSocket (timeouts, the pending cap, the open-file budget).
 //! - [`server`]: HTTP routes (`/ws`, `/metrics`, `/healthz`, `/readyz`,
 //!   `/api/*` with its handlers in `api`) on the public and internal
-//!   listeners, the WebSocket upgrade, graceful shutdown. Authentication at the upgrade and API keys
-//!   go here, next to the routes they guard (a module `auth` of their own).
+//!   listeners, the WebSocket upgrade (origin, connection rate, per-address
+//!   cap, token), API keys, graceful shutdown. `auth`: JWT verification and
+//!   what a token allows.
 //! - `conn`: one connection as a socket: the task that pumps bytes, reads
 //!   frames and runs the close handshake.
 //! - `session`: one connection as a client: its rooms, limits and
-//!   identity, and one file per operation (`join`, `leave`, `send`, `ping`,
-//!   `raw`; messages to users and token refresh go beside them). Acts on the
-//!   node through a `Link`, so it is tested without a socket.
-//! - `heartbeat`: the node-wide task that pings clients and closes silent ones.
+//!   identity, and one file per operation (`join`, `leave`, `send` to rooms
+//!   and users, `refresh`, `ping`, `raw`). Acts on the node through a
+//!   `Link`, so it is tested without a socket. [`namespace`]: the rules by
+//!   room prefix it applies; `aggregate`: likes summed per window.
+//! - `heartbeat`: the node-wide task that pings clients and closes silent
+//!   ones; `expiry`: the one that closes connections whose token expired.
 //! - `peer`: a client as the fan-out sees it: the direct, non-blocking
 //!   write path and the bounded per-client queue.
 //! - [`ws`]: WebSocket framing: client frames in, pre-built server frames out.
@@ -41,7 +44,8 @@
 //!   token buckets.
 //!
 //! Public, for the binary, the benchmark tool, tests and fuzz targets:
-//! [`config`], [`server`], [`protocol`], [`error`], [`topic`], [`ws`];
+//! [`config`] (with [`namespace`]), [`server`], [`protocol`], [`error`],
+//! [`topic`], [`ws`];
 //! everything else is internal to the crate.
 
 pub(crate) mod aggregate;
