@@ -631,6 +631,15 @@ impl Outgoing {
 mod tests {
     use super::*;
 
+    /// An anonymous connection `c` as the sender.
+    fn conn_sender(c: &str) -> Sender<'_> {
+        Sender {
+            from: c,
+            conn: c,
+            info: None,
+        }
+    }
+
     #[test]
     fn ws_query_rooms_are_validated_deduplicated_and_capped() {
         let q = parse_ws_query("room=a&x=1&room=b&room=a", 2).unwrap();
@@ -736,15 +745,7 @@ mod tests {
     #[test]
     fn json_send_reaches_json_and_raw_clients_as_the_msg_frame() {
         let data = serde_json::value::to_raw_value(&serde_json::json!({"t": "hi"})).unwrap();
-        let env = json_envelope(
-            "danmaku",
-            Sender {
-                from: "c1",
-                conn: "c1",
-                info: None,
-            },
-            &data,
-        );
+        let env = json_envelope("danmaku", conn_sender("c1"), &data);
         let out = Outgoing::from_envelope(Target::Room("r1"), &env).unwrap();
         let v: serde_json::Value = serde_json::from_str(payload(&out.json)).unwrap();
         assert_eq!(v["op"], "msg");
@@ -760,15 +761,7 @@ mod tests {
     fn raw_sends_round_trip_byte_for_byte() {
         let out = Outgoing::from_envelope(
             Target::Room("r"),
-            &raw_envelope(
-                Sender {
-                    from: "c",
-                    conn: "c",
-                    info: None,
-                },
-                "héllo \"q\"".as_bytes(),
-                false,
-            ),
+            &raw_envelope(conn_sender("c"), "héllo \"q\"".as_bytes(), false),
         )
         .unwrap();
         assert_eq!(payload(&out.raw), "héllo \"q\"");
@@ -779,15 +772,7 @@ mod tests {
         let bin = [0u8, 159, 146, 150, 255];
         let out = Outgoing::from_envelope(
             Target::Room("r"),
-            &raw_envelope(
-                Sender {
-                    from: "c",
-                    conn: "c",
-                    info: None,
-                },
-                &bin,
-                true,
-            ),
+            &raw_envelope(conn_sender("c"), &bin, true),
         )
         .unwrap();
         let (opcode, body) = ws::split_server_frame(&out.raw).unwrap();
@@ -801,15 +786,7 @@ mod tests {
     fn concatenated_messages_are_the_frames_back_to_back() {
         let a = Outgoing::from_envelope(
             Target::Room("r"),
-            &raw_envelope(
-                Sender {
-                    from: "c",
-                    conn: "c",
-                    info: None,
-                },
-                b"one",
-                false,
-            ),
+            &raw_envelope(conn_sender("c"), b"one", false),
         )
         .unwrap();
         let b = Outgoing::from_envelope(Target::Room("r"), br#"{"event":"e","data":2}"#).unwrap();
