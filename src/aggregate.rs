@@ -16,6 +16,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
+use crate::bus::Message;
 use crate::gateway::Gateway;
 use crate::protocol::{self, Sender};
 use crate::topic::Topic;
@@ -54,6 +55,7 @@ impl Aggregator {
 }
 
 /// Publish each window's sums until `stop`, and the last window then.
+/// Sums are state, not events: they stay outside any room's history.
 pub async fn run(gw: Arc<Gateway>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(gw.config.aggregate_window);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -64,8 +66,10 @@ pub async fn run(gw: Arc<Gateway>, stop: CancellationToken) {
         };
         let window = gw.aggregator.take();
         if !window.is_empty() {
-            let (items, counts): (Vec<_>, Vec<_>) =
-                window.into_iter().map(|(t, e, n)| ((t, e), n)).unzip();
+            let (items, counts): (Vec<_>, Vec<_>) = window
+                .into_iter()
+                .map(|(t, e, n)| (Message::plain(t, e), n))
+                .unzip();
             let results = gw.publish_batch(&items).await;
             for (result, count) in results.iter().zip(counts) {
                 if let Err(e) = result {

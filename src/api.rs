@@ -14,6 +14,7 @@ use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::bus::{Message, Published};
 use crate::error::{ErrorCode, Rejection};
 use crate::gateway::Gateway;
 use crate::protocol;
@@ -131,8 +132,8 @@ pub async fn publish(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body>
             Ok(checked) => checked,
             Err(r) => return refuse_with(&r),
         };
-        return match gw.publish(topic, envelope).await {
-            Ok(_) => json_response(StatusCode::OK, br#"{"ok":true}"#.to_vec()),
+        return match gw.publish(gw.message(topic, envelope)).await {
+            Ok(published) => json_response(StatusCode::OK, published_body(&published)),
             Err(e) => refuse(e.code(), &e.to_string()),
         };
     }
@@ -154,9 +155,10 @@ pub async fn publish(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body>
                 .and_then(|item| item.checked())
         })
         .collect();
-    let valid: Vec<(Topic, Bytes)> = checked
+    let valid: Vec<Message> = checked
         .iter()
         .filter_map(|c| c.as_ref().ok().cloned())
+        .map(|(topic, envelope)| gw.message(topic, envelope))
         .collect();
     let mut published = gw.publish_batch(&valid).await.into_iter();
     let results: Vec<serde_json::Value> = checked
@@ -171,13 +173,25 @@ pub async fn publish(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body>
                 Err(r) => return error_value(r.code, &r.message),
             };
             match outcome {
-                Ok(_) => serde_json::json!({"ok": true}),
+                Ok(published) => published_value(&published),
                 Err(e) => error_value(e.code(), &e.to_string()),
             }
         })
         .collect();
     let body = serde_json::json!({ "results": results }).to_string();
     json_response(StatusCode::OK, body.into_bytes())
+}
+
+/// `{"ok":true}`, with the message's `seq` in a history room.
+fn published_value(published: &Published) -> serde_json::Value {
+    match published.seq {
+        Some(seq) => serde_json::json!({"ok": true, "seq": seq}),
+        None => serde_json::json!({"ok": true}),
+    }
+}
+
+fn published_body(published: &Published) -> Vec<u8> {
+    serde_json::to_vec(&published_value(published)).unwrap_or_default()
 }
 
 fn error_value(code: ErrorCode, message: &str) -> serde_json::Value {

@@ -19,8 +19,9 @@ use tokio::time::Instant;
 use crate::auth::Identity;
 use crate::gateway::{Admission, Gateway, IpGuard};
 use crate::hub::RoomPin;
+use crate::namespace::History;
 use crate::peer::Peer;
-use crate::protocol::{self, Format};
+use crate::protocol::{self, Format, Replay, Since};
 use crate::session::{NodeLink, Session};
 use crate::topic::{Target, Topic};
 use crate::ws::{self, close, FrameReader, Incoming};
@@ -47,6 +48,8 @@ pub struct Accepted {
     pub format: Format,
     /// Rooms from the URL, already validated, deduplicated and pinned (subscribed).
     pub rooms: Vec<(Topic, RoomPin)>,
+    /// `since=` points of the URL, by room (each also in `rooms`).
+    pub since: Vec<(String, Since)>,
     /// Who the client is (from its token), and its user topic, pinned like the rooms.
     pub identity: Option<(Identity, RoomPin)>,
     /// Its place under `limits.max_connections_per_ip`.
@@ -62,8 +65,14 @@ pub struct Accepted {
 /// connection keeps for its whole life — holds only the [`Conn`] and its
 /// read loop, not the set-up's locals.
 pub fn serve(gw: Arc<Gateway>, accepted: Accepted) -> impl std::future::Future<Output = ()> {
-    Conn::open(gw, accepted).serve()
+    let (conn, held) = Conn::open(gw, accepted);
+    conn.serve(held)
 }
+
+/// URL rooms of a history namespace, held until their replay is read:
+/// (room, its rule, what to replay). Boxed: 8 bytes in the connection's
+/// state, which most connections (no history room in the URL) never fill.
+type Held = Option<Box<Vec<(Topic, History, Replay)>>>;
 
 struct Conn {
     gw: Arc<Gateway>,
@@ -84,8 +93,9 @@ enum Flow {
 }
 
 impl Conn {
-    /// Register the client, greet it (JSON) and join the rooms it asked for.
-    fn open(gw: Arc<Gateway>, accepted: Accepted) -> Conn {
+    /// Register the client, greet it (JSON) and join the rooms it asked
+    /// for; a JSON client's history rooms are held (joined in [`Conn::serve`]).
+    fn open(gw: Arc<Gateway>, mut accepted: Accepted) -> (Conn, Held) {
         let seq = gw.next_seq();
         let id: Arc<str> = Arc::from(format!("{}-{seq:x}", gw.node_id));
         let peer = Arc::new(Peer::new(
@@ -104,10 +114,31 @@ impl Conn {
             peer.send(&protocol::welcome_frame(&peer.id, &gw.node_id, user));
         }
         let mut rooms = Vec::with_capacity(accepted.rooms.len());
+        let mut held: Held = None;
         for (topic, pin) in accepted.rooms {
-            gw.hub.join(&topic, &peer);
+            let rule = match (peer.format, topic.target()) {
+                (Format::Json, Target::Room(room)) => gw.config.namespaces.of(room).history,
+                _ => None,
+            };
+            match rule {
+                Some(rule) => {
+                    let since = accepted
+                        .since
+                        .iter()
+                        .position(|(r, _)| Target::Room(r) == topic.target());
+                    let replay = since.map_or(Replay::None, |i| {
+                        Replay::Since(accepted.since.swap_remove(i).1)
+                    });
+                    gw.hub.hold(&topic, &peer);
+                    held.get_or_insert_with(Default::default)
+                        .push((topic, rule, replay));
+                }
+                None => {
+                    gw.hub.join(&topic, &peer);
+                    rooms.push(topic);
+                }
+            }
             drop(pin);
-            rooms.push(topic);
         }
         for topic in &rooms {
             let online = gw.presence.joined(topic);
@@ -130,7 +161,7 @@ impl Conn {
             identity
         });
         let session = Session::new(&gw.config.limits, gw.hub.now_ms(), rooms, identity);
-        Conn {
+        let conn = Conn {
             gw,
             peer,
             session,
@@ -139,7 +170,8 @@ impl Conn {
             started: Instant::now(),
             _admission: accepted.admission,
             _ip_guard: accepted.ip_guard,
-        }
+        };
+        (conn, held)
     }
 
     /// Run until the connection ends, then leave everything it joined.
@@ -148,8 +180,12 @@ impl Conn {
     /// `async fn`'s by-value argument twice in its future (rust-lang/rust#62958),
     /// which here would be 190 more bytes in every idle connection.
     #[allow(clippy::manual_async_fn)] // on purpose: see above
-    fn serve(mut self) -> impl std::future::Future<Output = ()> {
+    fn serve(mut self, held: Held) -> impl std::future::Future<Output = ()> {
         async move {
+            if let Some(held) = held {
+                // Boxed, like the closing phase: rare, and large.
+                Box::pin(self.join_held(*held)).await;
+            }
             self.run().await;
             let (gw, peer) = (&self.gw, &self.peer);
             // End the TCP connection now, even if a fan-out still holds the peer for a moment.
@@ -172,6 +208,18 @@ impl Conn {
                 .connection_duration_seconds
                 .observe(self.started.elapsed().as_secs_f64());
             tracing::debug!(conn = %peer.id, "connection closed");
+        }
+    }
+
+    /// Join the URL's history rooms (held since the connection opened):
+    /// each gets its ack, replay and presence frame as a `join` would.
+    async fn join_held(&mut self, held: Vec<(Topic, History, Replay)>) {
+        let link = NodeLink {
+            gw: &self.gw,
+            peer: &self.peer,
+        };
+        for (topic, rule, replay) in held {
+            self.session.join_held(&link, topic, rule, replay).await;
         }
     }
 

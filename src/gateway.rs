@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::aggregate::Aggregator;
 use crate::auth::{AuthError, Identity, Verifier};
-use crate::bus::{Bus, BusError, PublishResult};
+use crate::bus::{Bus, BusError, Message, PublishResult};
 use crate::config::Config;
 use crate::expiry::Expiries;
 use crate::hub::Hub;
@@ -23,7 +23,7 @@ use crate::metrics::Metrics;
 use crate::peer::Peer;
 use crate::presence::Presence;
 use crate::protocol::{self, Rejection, Sender};
-use crate::topic::Topic;
+use crate::topic::{Target, Topic};
 use serde_json::value::RawValue;
 
 /// Client messages waiting for the publisher task, node-wide.
@@ -33,8 +33,7 @@ const PUBLISH_BATCH: usize = 512;
 
 /// A message a client sent, on its way to the bus.
 pub struct Publish {
-    pub topic: Topic,
-    pub envelope: Bytes,
+    pub message: Message,
     pub peer: Arc<Peer>,
     pub reply: Reply,
 }
@@ -239,10 +238,10 @@ impl Gateway {
                 .inc();
             return;
         }
+        // Join and leave events are presence: outside the room's history.
         let envelope = protocol::json_envelope(event, sender, RawValue::NULL);
         self.enqueue(Publish {
-            topic: topic.clone(),
-            envelope,
+            message: Message::plain(topic.clone(), envelope),
             peer: peer.clone(),
             reply: Reply::Raw,
         })
@@ -318,10 +317,10 @@ impl Gateway {
     /// Tell the client what became of its message, and count it.
     fn settle(&self, peer: &Peer, reply: Reply, result: PublishResult) {
         match (result, reply) {
-            (Ok(_), reply) => {
+            (Ok(published), reply) => {
                 self.metrics.messages_in.inc();
                 if let Reply::Ack(Some(id)) = reply {
-                    peer.send(&protocol::ack_frame(id));
+                    peer.send(&protocol::send_ack_frame(id, published.seq));
                 }
             }
             (Err(e), Reply::Ack(id)) => {
@@ -342,17 +341,31 @@ impl Gateway {
         }
     }
 
-    /// Publish an envelope to a topic, timed and counted.
-    pub async fn publish(&self, topic: Topic, envelope: Bytes) -> PublishResult {
-        let mut results = self.publish_batch(&[(topic, envelope)]).await;
+    /// A message of `envelope` to `topic`, in the history of its room's
+    /// namespace if it keeps one.
+    pub fn message(&self, topic: Topic, envelope: Bytes) -> Message {
+        let history = match topic.target() {
+            Target::Room(room) => self.config.namespaces.of(room).history,
+            Target::User(_) => None,
+        };
+        Message {
+            topic,
+            envelope,
+            history,
+        }
+    }
+
+    /// Publish one message, timed and counted.
+    pub async fn publish(&self, message: Message) -> PublishResult {
+        let mut results = self.publish_batch(&[message]).await;
         results
             .pop()
             .unwrap_or_else(|| Err(BusError::Unavailable("the bus gave no answer".into())))
     }
 
-    /// Publish `(topic, envelope)`s in order as one bus round trip, timed
-    /// (when anything got through) and counted.
-    pub async fn publish_batch(&self, items: &[(Topic, Bytes)]) -> Vec<PublishResult> {
+    /// Publish messages in order as one bus round trip, timed (when
+    /// anything got through) and counted.
+    pub async fn publish_batch(&self, items: &[Message]) -> Vec<PublishResult> {
         let started = Instant::now();
         let results = self.bus.publish_batch(items).await;
         let published = results.iter().filter(|r| r.is_ok()).count() as u64;
@@ -386,7 +399,7 @@ pub async fn run_publisher(
         }
         let (items, waiting): (Vec<_>, Vec<_>) = batch
             .drain(..)
-            .map(|p| ((p.topic, p.envelope), (p.peer, p.reply)))
+            .map(|p| (p.message, (p.peer, p.reply)))
             .unzip();
         let results = gw.publish_batch(&items).await;
         for ((peer, reply), result) in waiting.into_iter().zip(results) {

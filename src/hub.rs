@@ -21,6 +21,14 @@
 //!   presence once the client has its ack ([`Hub::mark_changed`]), so a
 //!   join is announced to the room after its ack. Counts are member
 //!   connections, JSON and raw alike.
+//! - A join of a history room is *held* ([`Hub::hold`]) while its replay
+//!   is read: the room is subscribed, and what the bus delivers meanwhile
+//!   is kept for the held client instead of sent. [`Hub::release`] then
+//!   sends, under the room's write lock, the ack, the replay, and what was
+//!   kept that comes after the client's position, and makes it a member:
+//!   nothing is lost or doubled at the seam. Messages up to its position
+//!   that the node has not delivered yet (still on their way through the
+//!   bus) are skipped for it (a *floor*) when they arrive.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -34,7 +42,7 @@ use crate::bus::{Deliver, SubCmd};
 use crate::members::{Keyed, Members};
 use crate::metrics::Metrics;
 use crate::peer::{Peer, Sent};
-use crate::protocol::{Format, Outgoing};
+use crate::protocol::{Format, Outgoing, Stamp};
 use crate::topic::{Target, Topic};
 
 #[derive(Default)]
@@ -42,6 +50,41 @@ struct Room {
     members: Members<Arc<Peer>>,
     /// Holds on the room's subscription while a client is being connected.
     pins: usize,
+    /// History rooms: the seam between replay and live (see the module doc).
+    recovery: Mutex<Recovery>,
+}
+
+impl Room {
+    fn is_empty(&mut self) -> bool {
+        self.members.is_empty() && self.pins == 0 && self.recovery.get_mut().waiting.is_empty()
+    }
+}
+
+#[derive(Default)]
+struct Recovery {
+    /// Held joins, and what arrived for each meanwhile.
+    waiting: Vec<Waiter>,
+    /// Members (by peer seq) that skip messages up to a position.
+    floors: Vec<(u64, Stamp)>,
+    /// The stamp of the last history message delivered here.
+    last: Option<Stamp>,
+}
+
+struct Waiter {
+    peer: Arc<Peer>,
+    held: Vec<Outgoing>,
+}
+
+/// Most messages kept for one held join; past it the client is closed as
+/// a slow consumer (its replay cannot keep up with the room).
+const MAX_HELD: usize = 10_000;
+
+/// Whether a message stamped `stamp` comes after position `at`.
+fn after(stamp: Option<Stamp>, at: Stamp) -> bool {
+    match stamp {
+        None => true,
+        Some(s) => s.epoch != at.epoch || s.seq > at.seq,
+    }
 }
 
 pub struct Hub {
@@ -100,7 +143,7 @@ impl Hub {
         };
         let room = rooms.entry(key.clone()).or_default();
         f(room);
-        let empty = room.members.is_empty() && room.pins == 0;
+        let empty = room.is_empty();
         if empty {
             rooms.remove(topic);
             if existed {
@@ -132,6 +175,68 @@ impl Hub {
         self.change(topic, |r| {
             r.members.insert(peer.clone());
         });
+    }
+
+    /// Start a held join of `topic` (a history room): subscribed, but what
+    /// arrives is kept for `peer` until [`Hub::release`] (or [`Hub::abandon`]).
+    pub fn hold(&self, topic: &Topic, peer: &Arc<Peer>) {
+        self.change(topic, |r| {
+            r.recovery.get_mut().waiting.push(Waiter {
+                peer: peer.clone(),
+                held: Vec::new(),
+            })
+        });
+    }
+
+    /// Give up a held join: nothing is sent.
+    pub fn abandon(&self, topic: &Topic, peer: &Peer) {
+        self.change(topic, |r| {
+            r.recovery
+                .get_mut()
+                .waiting
+                .retain(|w| w.peer.seq != peer.seq)
+        });
+    }
+
+    /// Finish a held join: send `head` (the ack), then `replay`, then what
+    /// arrived meanwhile after position `at`, and make `peer` a member.
+    /// What reaches the node later at or before `at` is skipped for it.
+    pub fn release(
+        &self,
+        topic: &Topic,
+        peer: &Arc<Peer>,
+        head: &[Bytes],
+        replay: &[Outgoing],
+        at: Stamp,
+    ) {
+        let mut rooms = self.rooms.write();
+        let Some(room) = rooms.get_mut(topic) else {
+            return;
+        };
+        let recovery = room.recovery.get_mut();
+        let Some(i) = recovery.waiting.iter().position(|w| w.peer.seq == peer.seq) else {
+            return;
+        };
+        let waiter = recovery.waiting.swap_remove(i);
+        let live: Vec<Outgoing> = waiter
+            .held
+            .into_iter()
+            .filter(|o| after(o.stamp, at))
+            .collect();
+        for frame in head {
+            peer.send(frame);
+        }
+        let sent = replay.iter().chain(&live).cloned().collect::<Vec<_>>();
+        if let Some(out) = Outgoing::concat(&sent) {
+            if peer.send(out.frame_for(peer.format)) == Sent::Delivered {
+                self.metrics.deliveries.inc_by(sent.len() as u64);
+            }
+        }
+        let seen = live.last().and_then(|o| o.stamp).or(recovery.last);
+        if seen.is_none_or(|last| last.epoch == at.epoch && last.seq < at.seq) {
+            recovery.floors.push((peer.seq, at));
+        }
+        room.members.insert(peer.clone());
     }
 
     pub fn leave(&self, topic: &Topic, peer: &Peer) {
@@ -220,14 +325,12 @@ impl Hub {
     }
 
     fn deliver_room(&self, key: &str, payloads: &[&[u8]]) {
-        let members = match self.rooms.read().get(key) {
-            Some(r) if !r.members.is_empty() => r.members.snapshot(),
-            _ => return,
-        };
+        if !self.rooms.read().contains_key(key) {
+            return;
+        }
         let Some(target) = Target::of_key(key) else {
             return;
         };
-        self.metrics.bus_received.inc_by(payloads.len() as u64);
         let mut outgoing = Vec::with_capacity(payloads.len());
         for payload in payloads {
             match Outgoing::from_envelope(target, payload) {
@@ -241,16 +344,44 @@ impl Hub {
         let Some(out) = Outgoing::concat(&outgoing) else {
             return;
         };
+        let (members, floors) = {
+            let rooms = self.rooms.read();
+            let Some(room) = rooms.get(key) else {
+                return;
+            };
+            let mut recovery = room.recovery.lock();
+            (
+                room.members.snapshot(),
+                recovery.passed(&outgoing, out.stamp),
+            )
+        };
+        if members.is_empty() {
+            return;
+        }
+        self.metrics.bus_received.inc_by(payloads.len() as u64);
         // Slow consumers are counted when their connection ends (conn.rs).
         let mut delivered = 0u64;
         for peer in members.iter() {
-            if peer.send(out.frame_for(peer.format)) == Sent::Delivered {
-                delivered += 1;
+            let floor = floors.iter().find(|(p, _)| *p == peer.seq);
+            let Some(&(_, at)) = floor else {
+                if peer.send(out.frame_for(peer.format)) == Sent::Delivered {
+                    delivered += outgoing.len() as u64;
+                }
+                continue;
+            };
+            // Joined at a position this batch may not have reached yet.
+            let rest: Vec<Outgoing> = outgoing
+                .iter()
+                .filter(|o| after(o.stamp, at))
+                .cloned()
+                .collect();
+            if let Some(o) = Outgoing::concat(&rest) {
+                if peer.send(o.frame_for(peer.format)) == Sent::Delivered {
+                    delivered += rest.len() as u64;
+                }
             }
         }
-        self.metrics
-            .deliveries
-            .inc_by(delivered * outgoing.len() as u64);
+        self.metrics.deliveries.inc_by(delivered);
     }
 
     pub fn register(&self, peer: Arc<Peer>) {
@@ -313,6 +444,36 @@ impl Deliver for Hub {
         for (room, payloads) in groups {
             self.deliver_room(room, &payloads);
         }
+    }
+}
+
+impl Recovery {
+    /// A batch (`outgoing`, the last stamp `last`) reached the room: keep it
+    /// for held joins, and answer the floors that apply to it (dropping
+    /// those it passes).
+    fn passed(&mut self, outgoing: &[Outgoing], last: Option<Stamp>) -> Vec<(u64, Stamp)> {
+        if last.is_some() {
+            self.last = last;
+        }
+        for waiter in &mut self.waiting {
+            if waiter.held.len() + outgoing.len() > MAX_HELD {
+                waiter
+                    .peer
+                    .close(crate::ws::close::SLOW_CONSUMER, "slow consumer", false);
+                waiter.held.clear();
+                continue;
+            }
+            waiter.held.extend(outgoing.iter().cloned());
+        }
+        if self.floors.is_empty() {
+            return Vec::new();
+        }
+        let floors = self.floors.clone();
+        if let Some(s) = last {
+            self.floors
+                .retain(|(_, at)| at.epoch == s.epoch && at.seq > s.seq);
+        }
+        floors
     }
 }
 

@@ -46,6 +46,9 @@ pub struct Metrics {
     pub bus_up: Gauge,
     pub bus_reconnects: IntCounter,
     pub bus_canary_failures: IntCounter,
+    pub history_repaired: IntCounter,
+    pub history_unrepaired: IntCounter,
+    pub history_joins: IntCounterVec,
     pub deliveries: IntCounter,
     pub slow_consumer_disconnects: IntCounter,
     pub heartbeat_timeouts: IntCounter,
@@ -186,6 +189,25 @@ impl Metrics {
                 "roomcast_bus_canary_failures_total",
                 "Canaries that did not come back through the bus in time (each marks the bus down)",
             )?,
+            history_repaired: counter(
+                "roomcast_history_repaired_total",
+                "Messages of history rooms this node missed on the bus and delivered from history",
+            )?,
+            history_unrepaired: counter(
+                "roomcast_history_unrepaired_total",
+                "Messages of history rooms this node missed on the bus and could not repair (no longer in history)",
+            )?,
+            history_joins: {
+                let c = counter_vec(
+                    "roomcast_history_joins_total",
+                    "Joins of history rooms, by outcome: recovered, not_recovered (a since that could not be served), history, live",
+                    "outcome",
+                )?;
+                for outcome in ["recovered", "not_recovered", "history", "live"] {
+                    c.with_label_values(&[outcome]);
+                }
+                c
+            },
             deliveries: counter(
                 "roomcast_deliveries_total",
                 "Messages written to clients (one per recipient)",

@@ -7,6 +7,7 @@
 //! is on the fan-out path.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +40,27 @@ pub struct RawNamespace {
     pub join_leave_events: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub join_leave_per_second: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<RawHistory>,
+}
+
+/// `history = { size = 100, ttl = "5m" }` as written.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHistory {
+    pub size: usize,
+    pub ttl: String,
+}
+
+/// Most messages a room's history may keep.
+pub const MAX_HISTORY_SIZE: usize = 10_000;
+
+/// A room's history: its last `size` messages, kept until `ttl` after the
+/// room's last message (then the room starts over with a new epoch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct History {
+    pub size: usize,
+    pub ttl: Duration,
 }
 
 /// A rate as written: `{ per_second = 2, burst = 5 }`.
@@ -73,6 +95,8 @@ pub struct Namespace {
     /// `join` / `leave` events for signed-in users, at most this many per
     /// second per node (0: none).
     pub join_leave_per_second: u32,
+    /// Sequence numbers, history and recovery for its rooms (`None`: off).
+    pub history: Option<History>,
 }
 
 impl Namespace {
@@ -161,6 +185,7 @@ impl Namespaces {
             aggregate: defaults.aggregate.to_vec(),
             events: default_events,
             join_leave_per_second: 0,
+            history: None,
         };
         let mut rules: Vec<Namespace> = Vec::new();
         for (i, ns) in raw.iter().enumerate() {
@@ -219,8 +244,13 @@ impl Namespaces {
                     ))
                 }
             };
+            let history = match &ns.history {
+                None => None,
+                Some(h) => Some(history(&key("history"), h)?),
+            };
             rules.push(Namespace {
                 join_leave_per_second,
+                history,
                 id: i + 1,
                 prefix: ns.prefix.clone(),
                 anonymous_join: ns.anonymous_join.unwrap_or(base.anonymous_join),
@@ -281,6 +311,25 @@ impl Namespaces {
     }
 }
 
+/// Check `history = { size, ttl }` at `key`.
+fn history(key: &str, raw: &RawHistory) -> Result<History, (String, String)> {
+    if raw.size == 0 || raw.size > MAX_HISTORY_SIZE {
+        return Err((
+            format!("{key}.size"),
+            format!("must be 1-{MAX_HISTORY_SIZE} messages"),
+        ));
+    }
+    let ttl = humantime::parse_duration(&raw.ttl)
+        .map_err(|e| (format!("{key}.ttl"), format!("{:?}: {e}", raw.ttl)))?;
+    if ttl < Duration::from_secs(1) {
+        return Err((format!("{key}.ttl"), "must be at least 1s".into()));
+    }
+    Ok(History {
+        size: raw.size,
+        ttl,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,6 +361,7 @@ mod tests {
             events: BTreeMap::new(),
             join_leave_events: None,
             join_leave_per_second: None,
+            history: None,
         }
     }
 
@@ -371,5 +421,31 @@ mod tests {
         let mut burst_only = raw("y:");
         burst_only.messages_burst = Some(3);
         assert_eq!(err(&[burst_only]), "namespaces[0].messages_burst");
+        let with_history = |size: usize, ttl: &str| {
+            let mut ns = raw("h:");
+            ns.history = Some(RawHistory {
+                size,
+                ttl: ttl.into(),
+            });
+            ns
+        };
+        assert_eq!(err(&[with_history(0, "5m")]), "namespaces[0].history.size");
+        assert_eq!(
+            err(&[with_history(10, "soon")]),
+            "namespaces[0].history.ttl"
+        );
+        assert_eq!(
+            err(&[with_history(10, "10ms")]),
+            "namespaces[0].history.ttl"
+        );
+        let ns = Namespaces::new(defaults(&none), &[with_history(100, "5m")]).unwrap();
+        assert_eq!(
+            ns.of("h:1").history,
+            Some(History {
+                size: 100,
+                ttl: Duration::from_secs(300)
+            })
+        );
+        assert_eq!(ns.of("other").history, None);
     }
 }

@@ -175,6 +175,32 @@ pub struct ClientFrame<'a> {
     pub data: Option<&'a RawValue>,
     #[serde(default)]
     pub id: Option<u64>,
+    /// `join`: replay what the room had after this point.
+    #[serde(default)]
+    pub since: Option<Since>,
+    /// `join`: replay the room's last this many messages.
+    #[serde(default)]
+    pub history: Option<usize>,
+}
+
+/// A point in a room's history: the last message a client saw.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Since {
+    pub seq: u64,
+    pub epoch: String,
+}
+
+/// What a join asks to be replayed (history rooms only).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Replay {
+    /// Nothing: live messages from the ack on.
+    #[default]
+    None,
+    /// Every message after this point (recovery after a reconnect).
+    Since(Since),
+    /// The last this many messages (a viewer entering the room).
+    Last(usize),
 }
 
 /// The operations a JSON client may ask for.
@@ -182,6 +208,7 @@ pub struct ClientFrame<'a> {
 pub enum Request<'a> {
     Join {
         room: Cow<'a, str>,
+        replay: Replay,
     },
     Leave {
         room: Cow<'a, str>,
@@ -235,6 +262,18 @@ pub fn parse_request<'a>(text: &'a str) -> Result<(Option<u64>, Request<'a>), Re
     let request = match op.as_ref() {
         "join" => Request::Join {
             room: room_of(frame.room)?,
+            replay: match (frame.since, frame.history) {
+                (None, None) => Replay::None,
+                (Some(since), None) => Replay::Since(since),
+                (None, Some(n)) => Replay::Last(n),
+                (Some(_), Some(_)) => {
+                    return Err(Rejection::new(
+                        id,
+                        ErrorCode::BadFrame,
+                        "give `since` or `history`, not both",
+                    ))
+                }
+            },
         },
         "leave" => Request::Leave {
             room: room_of(frame.room)?,
@@ -290,7 +329,29 @@ pub struct WsQuery {
     pub rooms: Vec<String>,
     /// `token=`: the client's JWT (browsers cannot set headers on a WebSocket).
     pub token: Option<String>,
+    /// `since=<room>:<seq>:<epoch>`: recover these rooms (each also in `rooms`).
+    pub since: Vec<(String, Since)>,
 }
+
+/// `<room>:<seq>:<epoch>` (room names may hold `:`, seq and epoch do not).
+fn parse_since(value: &str) -> Option<(&str, Since)> {
+    let mut parts = value.rsplitn(3, ':');
+    let epoch = parts.next()?;
+    let seq = parts.next()?.parse().ok()?;
+    let room = parts.next()?;
+    (!epoch.is_empty() && epoch.len() <= MAX_EPOCH_LEN).then(|| {
+        (
+            room,
+            Since {
+                seq,
+                epoch: epoch.to_owned(),
+            },
+        )
+    })
+}
+
+/// Longest epoch accepted from a client.
+const MAX_EPOCH_LEN: usize = 64;
 
 /// Parse the query string of `GET /ws` (`room=…` repeated, `format=json|raw`, `token=…`).
 /// Unknown parameters are ignored. Every refusal is an HTTP 400 whose body
@@ -299,7 +360,25 @@ pub fn parse_ws_query(query: &str, max_rooms: usize) -> Result<WsQuery, Rejectio
     let mut format = Format::Json;
     let mut rooms: Vec<String> = Vec::new();
     let mut token = None;
+    let mut since: Vec<(String, Since)> = Vec::new();
     for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        let (key, value) = match key.as_ref() {
+            "since" => {
+                let Some((room, point)) = parse_since(&value) else {
+                    return Err(Rejection::new(
+                        None,
+                        ErrorCode::BadRequest,
+                        "since must be <room>:<seq>:<epoch>",
+                    ));
+                };
+                check_room(room)?;
+                since.retain(|(r, _)| r != room);
+                since.push((room.to_owned(), point));
+                // It joins the room too.
+                (Cow::Borrowed("room"), Cow::Owned(room.to_owned()))
+            }
+            _ => (key, value),
+        };
         match key.as_ref() {
             "room" => {
                 check_room(&value)?;
@@ -342,6 +421,7 @@ pub fn parse_ws_query(query: &str, max_rooms: usize) -> Result<WsQuery, Rejectio
         format,
         rooms,
         token,
+        since,
     })
 }
 
@@ -372,12 +452,53 @@ pub fn welcome_frame(conn: &str, node: &str, user: Option<&str>) -> Bytes {
 }
 
 pub fn ack_frame(id: u64) -> Bytes {
+    send_ack_frame(id, None)
+}
+
+/// The ack of a send; in a history room it carries the message's `seq`.
+pub fn send_ack_frame(id: u64, seq: Option<u64>) -> Bytes {
     #[derive(Serialize)]
     struct Ack {
         op: &'static str,
         id: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
     }
-    text(&Ack { op: "ack", id })
+    text(&Ack { op: "ack", id, seq })
+}
+
+/// Where a join in a history room starts: the room's epoch and last `seq`
+/// at the join (live messages follow with higher seqs), and for a join
+/// with `since`, whether everything after it was replayed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position<'a> {
+    pub epoch: &'a str,
+    pub seq: u64,
+    pub recovered: Option<bool>,
+}
+
+/// The ack of a join in a history room (sent even without an `id`, as it
+/// tells the client where it is).
+pub fn join_ack_frame(id: Option<u64>, room: &str, at: &Position<'_>) -> Bytes {
+    #[derive(Serialize)]
+    struct JoinAck<'a> {
+        op: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        room: &'a str,
+        epoch: &'a str,
+        seq: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
+    }
+    text(&JoinAck {
+        op: "ack",
+        id,
+        room,
+        epoch: at.epoch,
+        seq: at.seq,
+        recovered: at.recovered,
+    })
 }
 
 pub fn pong_frame(id: Option<u64>) -> Bytes {
@@ -439,6 +560,11 @@ pub fn http_error_body(code: &str, message: &str) -> Vec<u8> {
 /// `event` and `data` are required.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Envelope<'a> {
+    /// History rooms: the message's place in the room (set by the bus).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<Cow<'a, str>>,
     #[serde(borrow)]
     pub event: Cow<'a, str>,
     #[serde(borrow, default)]
@@ -476,6 +602,8 @@ pub struct Sender<'a> {
 /// Encode the envelope of a JSON-mode `send` (or a backend's publish).
 pub fn json_envelope(event: &str, sender: Sender<'_>, data: &RawValue) -> Bytes {
     let env = Envelope {
+        seq: None,
+        epoch: None,
         event: Cow::Borrowed(event),
         from: Cow::Borrowed(sender.from),
         conn: Cow::Borrowed(sender.conn),
@@ -499,6 +627,8 @@ pub fn raw_envelope(sender: Sender<'_>, payload: &[u8], binary: bool) -> Bytes {
         return Bytes::new();
     };
     let env = Envelope {
+        seq: None,
+        epoch: None,
         event: Cow::Borrowed("message"),
         from: Cow::Borrowed(sender.from),
         conn: Cow::Borrowed(sender.conn),
@@ -518,6 +648,53 @@ pub struct Outgoing {
     pub json: Bytes,
     /// For raw-mode clients: the original bytes of a raw send, or the `msg` frame's text.
     pub raw: Bytes,
+    /// History rooms: the (last) message's place.
+    pub stamp: Option<Stamp>,
+}
+
+/// A message's place in its room's history: its `seq`, and its epoch as a
+/// number to compare ([`epoch_key`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    pub seq: u64,
+    pub epoch: u64,
+}
+
+/// An epoch as a number (a hash of its text), for comparing cheaply.
+pub fn epoch_key(epoch: &str) -> u64 {
+    // FNV-1a: a few bytes, no allocation, stable.
+    epoch.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// `envelope` (a JSON object) with `"seq"` and `"epoch"` as its first
+/// fields: what the history script does in Redis, for the memory bus.
+pub fn stamp_envelope(envelope: &[u8], seq: u64, epoch: &str) -> Bytes {
+    let rest = envelope.strip_prefix(b"{").unwrap_or(envelope);
+    let empty = rest.iter().all(|b| b.is_ascii_whitespace() || *b == b'}');
+    let mut out = BytesMut::with_capacity(envelope.len() + 48);
+    out.extend_from_slice(format!("{{\"seq\":{seq},\"epoch\":\"{epoch}\"").as_bytes());
+    match empty {
+        true => out.extend_from_slice(b"}"),
+        false => {
+            out.extend_from_slice(b",");
+            out.extend_from_slice(rest);
+        }
+    }
+    out.freeze()
+}
+
+/// The `seq` and epoch of a stamped envelope, read from its first bytes
+/// (as [`stamp_envelope`] and the history script write them) without
+/// parsing the rest; `None` for an envelope without them.
+pub fn peek_stamp(payload: &[u8]) -> Option<(u64, &str)> {
+    let rest = payload.strip_prefix(b"{\"seq\":")?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    let seq = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
+    let rest = rest[digits..].strip_prefix(b",\"epoch\":\"")?;
+    let end = rest.iter().position(|&b| b == b'"')?;
+    Some((seq, std::str::from_utf8(&rest[..end]).ok()?))
 }
 
 /// Why a bus payload could not be delivered.
@@ -553,6 +730,10 @@ impl Outgoing {
             data: &'a RawValue,
             #[serde(skip_serializing_if = "std::ops::Not::not")]
             binary: bool,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            seq: Option<u64>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            epoch: Option<&'a str>,
         }
         let (room, to) = match target {
             Target::Room(room) => (Some(room), None),
@@ -574,6 +755,8 @@ impl Outgoing {
             ts: env.ts.unwrap_or_else(now_ms),
             data: env.data,
             binary,
+            seq: env.seq,
+            epoch: env.epoch.as_deref(),
         })?;
         let json = ws::text_frame(&msg);
         let raw = match env.raw.as_deref() {
@@ -590,7 +773,14 @@ impl Outgoing {
                 ws::binary_frame(&bytes)
             }
         };
-        Ok(Outgoing { json, raw })
+        let stamp = match (env.seq, env.epoch.as_deref()) {
+            (Some(seq), Some(epoch)) => Some(Stamp {
+                seq,
+                epoch: epoch_key(epoch),
+            }),
+            _ => None,
+        };
+        Ok(Outgoing { json, raw, stamp })
     }
 
     /// Several messages as one: their frames back to back (the same bytes a
@@ -614,7 +804,8 @@ impl Outgoing {
                 } else {
                     join(|m| &m.raw)
                 };
-                Some(Outgoing { json, raw })
+                let stamp = many.iter().rev().find_map(|m| m.stamp);
+                Some(Outgoing { json, raw, stamp })
             }
         }
     }

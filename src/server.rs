@@ -454,11 +454,21 @@ async fn upgrade(
         return refuse(ErrorCode::BadRequest, "Sec-WebSocket-Version must be 13");
     }
     let max_rooms = gw.config.limits.max_rooms_per_connection;
-    let (format, rooms, token) =
+    let (format, rooms, token, since) =
         match protocol::parse_ws_query(req.uri().query().unwrap_or(""), max_rooms) {
-            Ok(q) => (q.format, q.rooms, q.token),
+            Ok(q) => (q.format, q.rooms, q.token, q.since),
             Err(r) => return refuse_with(&r),
         };
+    // `since` is for history rooms, which only JSON connections recover.
+    let no_history = since.iter().find(|(room, _)| {
+        format == protocol::Format::Raw || gw.config.namespaces.of(room).history.is_none()
+    });
+    if let Some((room, _)) = no_history {
+        return refuse(
+            ErrorCode::BadRequest,
+            &format!("since: room {room:?} keeps no history for this connection (history rooms, JSON format)"),
+        );
+    }
     let token = token.or_else(|| bearer(&req).map(str::to_owned));
     let identity = match authenticate(&gw, token.as_deref(), &rooms) {
         Ok(identity) => identity,
@@ -511,6 +521,7 @@ async fn upgrade(
             leftover: parts.read_buf,
             format,
             rooms,
+            since,
             identity,
             ip_guard,
         };

@@ -30,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
             let value: Option<serde_json::Value> = serde_json::from_str(text).ok();
             let field = |k: &str| value.as_ref().and_then(|v| v.get(k).cloned());
             let op = match &request {
-                Request::Join { room } | Request::Leave { room } => {
+                Request::Join { room, .. } | Request::Leave { room } => {
                     assert!(valid_room(room), "invalid room {room:?} accepted");
                     if value.is_some() {
                         assert_eq!(

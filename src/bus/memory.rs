@@ -2,13 +2,17 @@
 //! queue to a single dispatcher task, which gives every room one total order
 //! (as Redis does for the redis bus).
 //!
+//! History: each history room's log (epoch, last seq, last `size`
+//! stamped envelopes) is kept here; a message is stamped and queued under
+//! the same lock, so seq order is delivery order, as in Redis.
+//!
 //! Presence: there are no other nodes, so a snapshot is empty (the node's
 //! own counts are live); watch time is kept here, forgotten `ttl` after a
 //! room's last addition as in Redis.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -18,38 +22,145 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Bus, BusError, Deliver, PublishResult, Published, Report, Snapshot, SubCmd};
+use super::{
+    Bus, BusError, Deliver, Message, Page, Pick, PublishResult, Published, Report, Snapshot, SubCmd,
+};
 use crate::metrics::Metrics;
+use crate::namespace::History;
+use crate::protocol;
 use crate::topic::Topic;
 
 struct MemoryBus {
     tx: mpsc::Sender<(Topic, Bytes)>,
     /// Room → (viewer-seconds, when it expires).
     watch: Mutex<HashMap<String, (f64, Instant)>>,
+    /// History rooms' logs, and when expired ones were last swept.
+    logs: Mutex<(HashMap<Topic, Log>, Instant)>,
+}
+
+/// One history room.
+struct Log {
+    epoch: String,
+    seq: u64,
+    /// (seq, stamped envelope), oldest first, at most the rule's size.
+    entries: VecDeque<(u64, Bytes)>,
+    /// `ttl` after the last message: then the room starts over.
+    expires: Instant,
+}
+
+impl Log {
+    fn new(now: Instant, ttl: Duration) -> Log {
+        Log {
+            epoch: new_epoch(),
+            seq: 0,
+            entries: VecDeque::new(),
+            expires: now + ttl,
+        }
+    }
+}
+
+/// A new epoch: the time in microseconds, unique enough per room.
+fn new_epoch() -> String {
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    micros.to_string()
+}
+
+/// How often expired logs are swept.
+const SWEEP: Duration = Duration::from_secs(10);
+
+impl MemoryBus {
+    /// The log of `topic`, started over if it expired.
+    fn log<'a>(
+        logs: &'a mut HashMap<Topic, Log>,
+        topic: &Topic,
+        rule: History,
+        now: Instant,
+    ) -> &'a mut Log {
+        let log = logs
+            .entry(topic.clone())
+            .or_insert_with(|| Log::new(now, rule.ttl));
+        if log.expires <= now {
+            *log = Log::new(now, rule.ttl);
+        }
+        log
+    }
+
+    fn send(&self, topic: &Topic, envelope: Bytes) -> Result<(), BusError> {
+        self.tx
+            .try_send((topic.clone(), envelope))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => {
+                    BusError::Unavailable("memory bus queue is full".into())
+                }
+                mpsc::error::TrySendError::Closed(_) => {
+                    BusError::Unavailable("memory bus stopped".into())
+                }
+            })
+    }
 }
 
 impl Bus for MemoryBus {
-    fn publish_batch<'a>(
-        &'a self,
-        items: &'a [(Topic, Bytes)],
-    ) -> BoxFuture<'a, Vec<PublishResult>> {
+    fn publish_batch<'a>(&'a self, items: &'a [Message]) -> BoxFuture<'a, Vec<PublishResult>> {
+        let now = Instant::now();
+        let mut guard = self.logs.lock();
+        let (logs, swept) = &mut *guard;
+        if now.duration_since(*swept) > SWEEP {
+            logs.retain(|_, log| log.expires > now);
+            *swept = now;
+        }
         let results = items
             .iter()
-            .map(|(topic, envelope)| {
-                self.tx
-                    .try_send((topic.clone(), envelope.clone()))
-                    .map(|()| Published::default())
-                    .map_err(|e| match e {
-                        mpsc::error::TrySendError::Full(_) => {
-                            BusError::Unavailable("memory bus queue is full".into())
-                        }
-                        mpsc::error::TrySendError::Closed(_) => {
-                            BusError::Unavailable("memory bus stopped".into())
-                        }
-                    })
+            .map(|m| {
+                let Some(rule) = m.history else {
+                    return self
+                        .send(&m.topic, m.envelope.clone())
+                        .map(|()| Published::default());
+                };
+                let log = Self::log(logs, &m.topic, rule, now);
+                let seq = log.seq + 1;
+                let stamped = protocol::stamp_envelope(&m.envelope, seq, &log.epoch);
+                self.send(&m.topic, stamped.clone())?;
+                log.seq = seq;
+                log.entries.push_back((seq, stamped));
+                while log.entries.len() > rule.size {
+                    log.entries.pop_front();
+                }
+                log.expires = now + rule.ttl;
+                Ok(Published { seq: Some(seq) })
             })
             .collect();
         futures::future::ready(results).boxed()
+    }
+
+    fn history<'a>(
+        &'a self,
+        topic: &'a Topic,
+        rule: History,
+        pick: Pick,
+    ) -> BoxFuture<'a, Result<Page, BusError>> {
+        let now = Instant::now();
+        let mut guard = self.logs.lock();
+        let log = Self::log(&mut guard.0, topic, rule, now);
+        let kept = log.entries.iter();
+        let entries = match pick {
+            Pick::After(seq) => kept
+                .filter(|(s, _)| *s > seq)
+                .map(|(_, e)| e.clone())
+                .collect(),
+            Pick::Last(n) => kept
+                .skip(log.entries.len().saturating_sub(n))
+                .map(|(_, e)| e.clone())
+                .collect(),
+        };
+        let page = Page {
+            epoch: log.epoch.clone(),
+            top: log.seq,
+            oldest: log.entries.front().map_or(log.seq + 1, |(s, _)| *s),
+            entries,
+        };
+        futures::future::ready(Ok(page)).boxed()
     }
 
     fn is_up(&self) -> bool {
@@ -122,5 +233,6 @@ pub fn start(
     Arc::new(MemoryBus {
         tx,
         watch: Mutex::new(HashMap::new()),
+        logs: Mutex::new((HashMap::new(), Instant::now())),
     })
 }

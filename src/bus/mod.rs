@@ -32,6 +32,7 @@ use tokio::sync::oneshot;
 use crate::config::BusConfig;
 use crate::error::ErrorCode;
 use crate::metrics::Metrics;
+use crate::namespace::History;
 use crate::topic::Topic;
 
 /// Most messages handed to [`Deliver::deliver_batch`] as one batch.
@@ -56,10 +57,55 @@ pub trait Deliver: Send + Sync + 'static {
     fn deliver_batch(&self, batch: &[(&str, &[u8])]);
 }
 
-/// What the bus did with a published message. Backends that order messages
-/// (history) will say here what they assigned.
+/// A message to publish: its topic, its envelope, and — in a history
+/// room — the room's history rule. Aggregated counts and join/leave events
+/// are published without one: they are state, not part of the history.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub topic: Topic,
+    pub envelope: Bytes,
+    pub history: Option<History>,
+}
+
+impl Message {
+    /// A message outside any history.
+    pub fn plain(topic: Topic, envelope: Bytes) -> Message {
+        Message {
+            topic,
+            envelope,
+            history: None,
+        }
+    }
+}
+
+/// What the bus did with a published message: in a history room, the
+/// `seq` it was given.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Published {}
+pub struct Published {
+    pub seq: Option<u64>,
+}
+
+/// What a read of a room's history returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    /// The room's epoch (made now if the room had no history).
+    pub epoch: String,
+    /// The room's last `seq` (0: no message yet in this epoch).
+    pub top: u64,
+    /// The oldest `seq` still kept (`top + 1` when none is).
+    pub oldest: u64,
+    /// The stamped envelopes asked for, oldest first.
+    pub entries: Vec<Bytes>,
+}
+
+/// Which entries a history read returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pick {
+    /// Every kept message with a `seq` above this one.
+    After(u64),
+    /// The last this many.
+    Last(usize),
+}
 
 /// Why a publish was not confirmed. The two cases promise different things
 /// to the client (docs/protocol.md, "What an ack and an error mean").
@@ -141,10 +187,16 @@ pub trait Bus: Send + Sync + 'static {
     /// the backend can; one result per item, in the same order. Success
     /// means the bus accepted the message (docs/protocol.md says what each
     /// outcome promises).
-    fn publish_batch<'a>(
+    fn publish_batch<'a>(&'a self, items: &'a [Message]) -> BoxFuture<'a, Vec<PublishResult>>;
+
+    /// Read room `topic`'s history (kept as `rule` says): its epoch, its
+    /// last seq, and the entries `pick` asks for, in one round trip.
+    fn history<'a>(
         &'a self,
-        items: &'a [(Topic, Bytes)],
-    ) -> BoxFuture<'a, Vec<PublishResult>>;
+        topic: &'a Topic,
+        rule: History,
+        pick: Pick,
+    ) -> BoxFuture<'a, Result<Page, BusError>>;
 
     /// Whether the bus is connected and its subscriptions are in place.
     fn is_up(&self) -> bool;

@@ -20,18 +20,24 @@
 //! Presence (per-room counts, watch time) runs its scripts on the publisher
 //! connection; the keys and the script are in `redis/presence.rs`.
 //!
+//! History rooms are published with a script that stamps, stores and
+//! publishes each message (`redis/history.rs`); in the same pipeline as the
+//! plain PUBLISHes of other rooms. What the subscriber receives of them is
+//! checked for gaps and repaired from history before it is delivered
+//! (`redis/repair.rs`), also after every reconnect.
+//!
 //! We do not use redis-rs's `ConnectionManager` resubscription: measured, it
 //! recovered from a 1 s outage but not from a 15 s one until another command
 //! ran, and its first PUBLISH after a restart failed once. Here both
 //! connections are replaced together, so the first publish after the bus is
 //! up again uses a fresh connection.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use parking_lot::RwLock;
@@ -42,12 +48,19 @@ use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+mod history;
 mod presence;
+mod repair;
 
-use super::{Bus, BusError, Deliver, PublishResult, Published, Report, Snapshot, SubCmd};
+use super::{
+    Bus, BusError, Deliver, Message, Page, Pick, PublishResult, Published, Report, Snapshot, SubCmd,
+};
 use crate::config::{redact_url, RedisConfig};
 use crate::metrics::Metrics;
+use crate::namespace::History;
 use crate::topic::Topic;
+use history::Scripts;
+use repair::{Fate, Seen};
 
 /// Rooms per SUBSCRIBE command when re-subscribing after a reconnect.
 const RESUBSCRIBE_BATCH: usize = 512;
@@ -57,9 +70,8 @@ struct RedisBus {
     /// This node's presence keys (and everyone's, by prefix).
     presence: presence::Keys,
     node_id: String,
-    /// The publishing connection while the bus is up, with the generation
-    /// it belongs to.
-    publisher: RwLock<Option<(u64, MultiplexedConnection)>>,
+    /// The publishing connection while the bus is up.
+    publisher: RwLock<Option<Publisher>>,
     /// Bumped each time the connections are declared dead: a reply that
     /// arrives on an older generation is not trusted (the node's
     /// subscriptions may have been gone when Redis handled the publish).
@@ -69,28 +81,80 @@ struct RedisBus {
     suspect: Notify,
 }
 
+/// A publishing connection, the generation it belongs to, and the SHA-1s
+/// of the history scripts as loaded on it.
+#[derive(Clone)]
+struct Publisher {
+    generation: u64,
+    conn: MultiplexedConnection,
+    scripts: Arc<Scripts>,
+}
+
 impl RedisBus {
     fn channel(&self, topic: &Topic) -> String {
         topic.channel(&self.config.channel_prefix)
     }
 
-    fn set_up(&self, metrics: &Metrics, publisher: Option<MultiplexedConnection>) {
+    fn set_up(&self, metrics: &Metrics, publisher: Option<(MultiplexedConnection, Arc<Scripts>)>) {
         let up = publisher.is_some();
         let generation = match up {
             true => self.generation.load(Ordering::Acquire),
             false => self.generation.fetch_add(1, Ordering::AcqRel) + 1,
         };
-        *self.publisher.write() = publisher.map(|p| (generation, p));
+        *self.publisher.write() = publisher.map(|(conn, scripts)| Publisher {
+            generation,
+            conn,
+            scripts,
+        });
         self.up.store(up, Ordering::Release);
         metrics.bus_up.set(if up { 1.0 } else { 0.0 });
     }
 
     /// The publishing connection, or why there is none.
-    fn connection(&self) -> Result<(u64, MultiplexedConnection), BusError> {
+    fn connection(&self) -> Result<Publisher, BusError> {
         self.publisher
             .read()
             .clone()
             .ok_or_else(|| BusError::Unavailable("redis is not connected".into()))
+    }
+
+    /// What one reply of a publish pipeline means for its message.
+    fn outcome(
+        &self,
+        history: bool,
+        reply: redis::RedisResult<redis::Value>,
+        current: bool,
+    ) -> PublishResult {
+        let reply = match reply {
+            Ok(reply) => reply,
+            // Redis refused this command (NOSCRIPT, a script error): it did not run.
+            Err(e) => {
+                self.suspect.notify_one();
+                return Err(BusError::Unavailable(format!(
+                    "redis refused the publish: {e}"
+                )));
+            }
+        };
+        if history {
+            // Stored in the room's history: every node subscribed then gets it,
+            // live or by repairing from history, even if this connection died.
+            return match history::published(&reply) {
+                Some((seq, _)) => Ok(Published { seq: Some(seq) }),
+                None => Err(BusError::Unconfirmed(
+                    "redis answered the history publish oddly".into(),
+                )),
+            };
+        }
+        match (current, reply) {
+            (true, _) => Ok(Published::default()),
+            // Only "nobody received it" is certain.
+            (false, redis::Value::Int(0)) => Err(BusError::Unavailable(
+                "redis connection was lost; nobody received the message".into(),
+            )),
+            (false, _) => Err(BusError::Unconfirmed(
+                "redis connection was lost; some nodes may not have received the message".into(),
+            )),
+        }
     }
 
     /// A command on the publishing connection failed (or timed out, `None`):
@@ -110,51 +174,79 @@ impl RedisBus {
 }
 
 impl Bus for RedisBus {
-    /// Every PUBLISH of the batch in one pipeline: one write, one round trip.
-    fn publish_batch<'a>(
-        &'a self,
-        items: &'a [(Topic, Bytes)],
-    ) -> BoxFuture<'a, Vec<PublishResult>> {
+    /// Every message of the batch in one pipeline (PUBLISH, or the history
+    /// script in history rooms): one write, one round trip.
+    fn publish_batch<'a>(&'a self, items: &'a [Message]) -> BoxFuture<'a, Vec<PublishResult>> {
         async move {
             // The same failure for every item.
             let all_of = |err: BusError| -> Vec<PublishResult> {
                 items.iter().map(|_| Err(err.clone())).collect()
             };
-            let (generation, mut conn) = match self.connection() {
+            let Publisher {
+                generation,
+                mut conn,
+                scripts,
+            } = match self.connection() {
                 Ok(c) => c,
                 Err(e) => return all_of(e),
             };
             let mut pipe = redis::pipe();
-            for (topic, envelope) in items {
-                pipe.cmd("PUBLISH")
-                    .arg(self.channel(topic))
-                    .arg(&envelope[..]);
+            pipe.ignore_errors();
+            for m in items {
+                let channel = self.channel(&m.topic);
+                match m.history {
+                    None => {
+                        pipe.cmd("PUBLISH").arg(channel).arg(&m.envelope[..]);
+                    }
+                    Some(rule) => {
+                        history::publish(&mut pipe, &scripts, &channel, &m.envelope, rule)
+                    }
+                }
             }
-            // One receiver count per PUBLISH.
-            match timeout(self.config.timeout, pipe.query_async::<Vec<i64>>(&mut conn)).await {
-                Ok(Ok(receivers)) if self.generation.load(Ordering::Acquire) == generation => {
-                    receivers.iter().map(|_| Ok(Published::default())).collect()
-                }
-                Ok(Ok(receivers)) => {
-                    // Answered on a connection declared dead meanwhile: Redis
-                    // may have handled it while this node's subscriptions were
-                    // gone. Only "nobody received it" is certain.
-                    receivers
-                        .iter()
-                        .map(|&n| {
-                            Err(match n {
-                                0 => BusError::Unavailable(
-                                    "redis connection was lost; nobody received the message".into(),
-                                ),
-                                _ => BusError::Unconfirmed(
-                                    "redis connection was lost; some nodes may not have received the message".into(),
-                                ),
-                            })
-                        })
-                        .collect()
-                }
-                Ok(Err(e)) => all_of(self.failed("publish", Some(e))),
-                Err(_) => all_of(self.failed("publish", None)),
+            let replies = match timeout(
+                self.config.timeout,
+                pipe.query_async::<Vec<redis::RedisResult<redis::Value>>>(&mut conn),
+            )
+            .await
+            {
+                Ok(Ok(replies)) => replies,
+                Ok(Err(e)) => return all_of(self.failed("publish", Some(e))),
+                Err(_) => return all_of(self.failed("publish", None)),
+            };
+            // Answered on a connection declared dead meanwhile: Redis may have
+            // handled it while this node's subscriptions were gone.
+            let current = self.generation.load(Ordering::Acquire) == generation;
+            items
+                .iter()
+                .zip(replies)
+                .map(|(m, reply)| self.outcome(m.history.is_some(), reply, current))
+                .collect()
+        }
+        .boxed()
+    }
+
+    fn history<'a>(
+        &'a self,
+        topic: &'a Topic,
+        rule: History,
+        pick: Pick,
+    ) -> BoxFuture<'a, Result<Page, BusError>> {
+        async move {
+            let Publisher {
+                mut conn, scripts, ..
+            } = self.connection()?;
+            let cmd = history::read(&scripts, &self.channel(topic), pick, Some(rule.ttl));
+            match timeout(
+                self.config.timeout,
+                cmd.query_async::<redis::Value>(&mut conn),
+            )
+            .await
+            {
+                Ok(Ok(reply)) => history::page(reply).ok_or_else(|| {
+                    BusError::Unavailable("redis answered the history read oddly".into())
+                }),
+                Ok(Err(e)) => Err(self.failed("history read", Some(e))),
+                Err(_) => Err(self.failed("history read", None)),
             }
         }
         .boxed()
@@ -167,7 +259,7 @@ impl Bus for RedisBus {
     /// One script on the publisher connection (see `redis/presence.rs`).
     fn presence<'a>(&'a self, report: Report<'a>) -> BoxFuture<'a, Result<Snapshot, BusError>> {
         async move {
-            let (_, mut conn) = self.connection()?;
+            let mut conn = self.connection()?.conn;
             let cmd = presence::exchange(&self.presence, &self.node_id, &report);
             match timeout(
                 self.config.timeout,
@@ -185,7 +277,7 @@ impl Bus for RedisBus {
 
     fn watch_seconds<'a>(&'a self, room: &'a str) -> BoxFuture<'a, Result<f64, BusError>> {
         async move {
-            let (_, mut conn) = self.connection()?;
+            let mut conn = self.connection()?.conn;
             let get = redis::cmd("GET").arg(self.presence.watch(room)).to_owned();
             match timeout(
                 self.config.timeout,
@@ -247,10 +339,14 @@ pub fn start(
         metrics,
         shutdown,
         desired: HashSet::new(),
+        seen: Seen::default(),
     };
     tracker.spawn(supervisor.run());
     bus
 }
+
+/// A publishing connection and its loaded scripts.
+type Conn = (MultiplexedConnection, Arc<Scripts>);
 
 struct Supervisor {
     bus: Arc<RedisBus>,
@@ -260,6 +356,8 @@ struct Supervisor {
     shutdown: CancellationToken,
     /// Topics that should be subscribed: the node's, in command order.
     desired: HashSet<Topic>,
+    /// What was received of each subscribed history room (`redis/repair.rs`).
+    seen: Seen,
     /// This node's private channel for canaries.
     canary_channel: String,
     /// The last canary sent (its payload).
@@ -325,6 +423,7 @@ impl Supervisor {
                 self.desired.insert(topic);
             }
             SubCmd::Unsubscribe(topic) => {
+                self.seen.forget(topic.key());
                 self.desired.remove(&topic);
             }
             SubCmd::Sync(done) => {
@@ -333,9 +432,7 @@ impl Supervisor {
         }
     }
 
-    async fn connect(
-        &mut self,
-    ) -> Result<(PubSubSink, PubSubStream, MultiplexedConnection), String> {
+    async fn connect(&mut self) -> Result<(PubSubSink, PubSubStream, Conn), String> {
         let cfg = &self.bus.config;
         let client = client(cfg)?;
         let pubsub = timeout(cfg.timeout, client.get_async_pubsub())
@@ -354,11 +451,15 @@ impl Supervisor {
         let conn_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(cfg.timeout))
             .set_response_timeout(Some(cfg.timeout));
-        let publisher = client
+        let mut publisher = client
             .get_multiplexed_async_connection_with_config(&conn_config)
             .await
             .map_err(|e| e.to_string())?;
-        Ok((sink, stream, publisher))
+        let scripts = timeout(cfg.timeout, history::load(&mut publisher))
+            .await
+            .map_err(|_| "timed out loading scripts".to_string())?
+            .map_err(|e| format!("loading scripts failed: {e}"))?;
+        Ok((sink, stream, (publisher, Arc::new(scripts))))
     }
 
     /// Publish the next canary (on a task of its own, so a stuck PUBLISH
@@ -381,7 +482,7 @@ impl Supervisor {
         &mut self,
         mut sink: PubSubSink,
         mut stream: PubSubStream,
-        publisher: MultiplexedConnection,
+        publisher: Conn,
     ) -> Ended {
         let cfg = self.bus.config.clone();
         let prefix = cfg.channel_prefix.clone();
@@ -397,9 +498,12 @@ impl Supervisor {
         let mut canary_tick = tokio::time::interval_at(Instant::now() + period, period);
         // The canary in flight: (payload, deadline). Up only after the first one is back.
         let mut canary: Option<(u64, Instant)> = None;
-        // Kept for PINGs and canaries; handed to publishers once up.
-        let conn = publisher.clone();
+        // Kept for PINGs, canaries and repairs; handed to publishers once up.
+        let (conn, scripts) = publisher.clone();
         let mut publisher = Some(publisher);
+        // What was published in history rooms while this node was not
+        // subscribed comes from history, before anything of the new stream.
+        self.catch_up(&conn, &scripts).await;
         if canaries {
             canary = Some((self.canary_seq + 1, self.send_canary(&conn)));
         } else {
@@ -450,7 +554,13 @@ impl Supervisor {
                         .iter()
                         .filter_map(|m| Some((m.get_channel_name().strip_prefix(&prefix)?, m.get_payload_bytes())))
                         .collect();
-                    self.sink.deliver_batch(&items);
+                    if items.iter().any(|(_, p)| Seen::stamp(p).is_some()) {
+                        let ordered = self.repair(items, &conn, &scripts).await;
+                        let items: Vec<(&str, &[u8])> = ordered.iter().map(|(k, p)| (*k, &p[..])).collect();
+                        self.sink.deliver_batch(&items);
+                    } else {
+                        self.sink.deliver_batch(&items);
+                    }
                     if closed {
                         return Ended::Failed("subscriber connection closed".into());
                     }
@@ -519,6 +629,7 @@ impl Supervisor {
                 timeout(limit, sink.subscribe(&channels)).await
             } else {
                 for topic in &topics {
+                    self.seen.forget(topic.key());
                     self.desired.remove(topic);
                 }
                 timeout(limit, sink.unsubscribe(&channels)).await
@@ -532,7 +643,145 @@ impl Supervisor {
         Ok(())
     }
 
-    /// PING both connections; a dead link is not trusted forever.
+    /// Read from history what was published in the tracked history rooms
+    /// after what this node last delivered, and deliver it (room by room,
+    /// one pipeline per chunk of rooms). A room whose history is gone or
+    /// of another epoch is forgotten: its next message starts it again.
+    async fn catch_up(&mut self, conn: &MultiplexedConnection, scripts: &Scripts) {
+        let tracked = self.seen.rooms();
+        let prefix = self.bus.config.channel_prefix.clone();
+        for chunk in tracked.chunks(RESUBSCRIBE_BATCH) {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for (key, _, last) in chunk {
+                pipe.add_command(history::read(
+                    scripts,
+                    &format!("{prefix}{key}"),
+                    Pick::After(*last),
+                    None,
+                ));
+            }
+            let mut conn = conn.clone();
+            let replies = match timeout(
+                self.bus.config.timeout,
+                pipe.query_async::<Vec<redis::RedisResult<redis::Value>>>(&mut conn),
+            )
+            .await
+            {
+                Ok(Ok(replies)) => replies,
+                _ => {
+                    tracing::warn!(
+                        rooms = chunk.len(),
+                        "history catch-up failed; those rooms may miss messages"
+                    );
+                    continue;
+                }
+            };
+            for ((key, epoch, last), reply) in chunk.iter().zip(replies) {
+                let page = reply.ok().and_then(history::page);
+                let entries = self.continuation(key, epoch, *last, page);
+                let items: Vec<(&str, &[u8])> =
+                    entries.iter().map(|e| (key.as_str(), &e[..])).collect();
+                if !items.is_empty() {
+                    self.sink.deliver_batch(&items);
+                }
+            }
+        }
+    }
+
+    /// What of `page` continues room `key` after (`epoch`, `last`): the
+    /// entries to deliver, counted; the room is forgotten if it cannot be
+    /// continued (its history is gone or of another epoch).
+    fn continuation(
+        &mut self,
+        key: &str,
+        epoch: &str,
+        last: u64,
+        page: Option<Page>,
+    ) -> Vec<bytes::Bytes> {
+        let Some(page) = page.filter(|p| p.epoch == epoch) else {
+            self.metrics.history_unrepaired.inc();
+            self.seen.forget(key);
+            return Vec::new();
+        };
+        if page.oldest > last + 1 {
+            self.metrics
+                .history_unrepaired
+                .inc_by(page.oldest - last - 1);
+        }
+        let mut out = Vec::with_capacity(page.entries.len());
+        for entry in page.entries {
+            if let Some((seq, e)) = Seen::stamp(&entry) {
+                if self.seen.classify(key, seq, e) != Fate::Duplicate {
+                    out.push(entry);
+                }
+            }
+        }
+        self.metrics.history_repaired.inc_by(out.len() as u64);
+        out
+    }
+
+    /// Put a received batch in order: drop what was delivered already, and
+    /// fill each gap in a history room from its history before the message
+    /// after it (one read per gap, while the stream waits).
+    async fn repair<'m>(
+        &mut self,
+        items: Vec<(&'m str, &'m [u8])>,
+        conn: &MultiplexedConnection,
+        scripts: &Scripts,
+    ) -> Vec<(&'m str, Cow<'m, [u8]>)> {
+        let mut out = Vec::with_capacity(items.len());
+        for (key, payload) in items {
+            let Some((seq, epoch)) = Seen::stamp(payload) else {
+                out.push((key, Cow::Borrowed(payload)));
+                continue;
+            };
+            match self.seen.classify(key, seq, epoch) {
+                Fate::Pass => {}
+                Fate::Duplicate => continue,
+                Fate::Gap { after } => {
+                    let channel = format!("{}{key}", self.bus.config.channel_prefix);
+                    let cmd = history::read(scripts, &channel, Pick::After(after), None);
+                    let mut conn = conn.clone();
+                    let page = match timeout(
+                        self.bus.config.timeout,
+                        cmd.query_async::<redis::Value>(&mut conn),
+                    )
+                    .await
+                    {
+                        Ok(Ok(reply)) => history::page(reply),
+                        _ => None,
+                    };
+                    let missing: Vec<bytes::Bytes> = match page.filter(|p| p.epoch == epoch) {
+                        Some(page) => page
+                            .entries
+                            .into_iter()
+                            .filter(|e| Seen::stamp(e).is_some_and(|(s, _)| s > after && s < seq))
+                            .collect(),
+                        None => Vec::new(),
+                    };
+                    let lost = (seq - after - 1).saturating_sub(missing.len() as u64);
+                    self.metrics.history_repaired.inc_by(missing.len() as u64);
+                    self.metrics.history_unrepaired.inc_by(lost);
+                    if lost > 0 {
+                        tracing::warn!(
+                            room = key,
+                            after,
+                            seq,
+                            lost,
+                            "messages missed on the bus are no longer in history"
+                        );
+                    }
+                    out.extend(missing.into_iter().map(|e| (key, Cow::Owned(e.to_vec()))));
+                }
+            }
+            out.push((key, Cow::Borrowed(payload)));
+        }
+        out
+    }
+
+    /// PING both connections (and load the history scripts again, should
+    /// Redis have lost them); a dead link is not trusted forever.
     async fn check(
         &mut self,
         sink: &mut PubSubSink,
@@ -545,15 +794,10 @@ impl Supervisor {
             Err(_) => return Err("subscriber ping timed out".into()),
         }
         let mut publisher = publisher.clone();
-        match timeout(
-            limit,
-            redis::cmd("PING").query_async::<String>(&mut publisher),
-        )
-        .await
-        {
+        match timeout(limit, history::load(&mut publisher)).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(format!("publisher ping failed: {e}")),
-            Err(_) => Err("publisher ping timed out".into()),
+            Ok(Err(e)) => Err(format!("publisher check failed: {e}")),
+            Err(_) => Err("publisher check timed out".into()),
         }
     }
 }

@@ -1,9 +1,12 @@
-//! `{"op":"join","room":…}`: start receiving a room's messages.
+//! `{"op":"join","room":…}`: start receiving a room's messages; in a
+//! history room, from a point (`since`) or with its last messages (`history`).
 
 use super::{ack, Link, Session};
+use crate::bus::{Page, Pick};
 use crate::error::{ErrorCode, Rejection};
-use crate::protocol;
-use crate::topic::Topic;
+use crate::namespace::History;
+use crate::protocol::{self, Outgoing, Position, Replay, Stamp};
+use crate::topic::{Target, Topic};
 
 /// Acked only once this node receives the room's messages (the subscription
 /// is in effect on the bus); while the bus is down the join is undone and
@@ -11,11 +14,13 @@ use crate::topic::Topic;
 /// are in the room now. Joining a room twice is acked and changes nothing.
 /// A token with a `rooms` claim allows only the rooms it names, and a
 /// namespace may refuse anonymous connections (`forbidden` otherwise).
+/// `since` and `history` are for history rooms (`bad_request` elsewhere).
 pub(super) async fn run(
     session: &mut Session,
     link: &impl Link,
     id: Option<u64>,
     room: &str,
+    replay: Replay,
 ) -> Result<(), Rejection> {
     if session.room(room).is_some() {
         ack(link, id);
@@ -31,20 +36,132 @@ pub(super) async fn run(
         ));
     }
     let topic = Topic::room(room);
+    let Some(rule) = link.namespaces().of(room).history else {
+        if replay != Replay::None {
+            return Err(Rejection::new(
+                id,
+                ErrorCode::BadRequest,
+                format!("room {room:?} keeps no history: join it without `since` or `history`"),
+            ));
+        }
+        return live(session, link, id, topic).await;
+    };
+    link.hold(&topic);
+    held(session, link, id, topic, rule, replay).await
+}
+
+/// A join of a room without history.
+async fn live(
+    session: &mut Session,
+    link: &impl Link,
+    id: Option<u64>,
+    topic: Topic,
+) -> Result<(), Rejection> {
     link.join(&topic);
     if !link.synced().await {
         link.leave(&topic);
-        return Err(Rejection::new(
-            id,
-            ErrorCode::Unavailable,
-            "the bus is down: not joined; retry later",
-        ));
+        return Err(unavailable(id));
     }
     ack(link, id);
-    link.reply(&protocol::presence_frame(room, link.joined(&topic)));
+    joined(session, link, topic).await;
+    Ok(())
+}
+
+fn unavailable(id: Option<u64>) -> Rejection {
+    Rejection::new(
+        id,
+        ErrorCode::Unavailable,
+        "the bus is down: not joined; retry later",
+    )
+}
+
+/// The join is in effect: the presence frame, the join event, the room.
+async fn joined(session: &mut Session, link: &impl Link, topic: Topic) {
+    if let Target::Room(room) = topic.target() {
+        link.reply(&protocol::presence_frame(room, link.joined(&topic)));
+    }
     session.announce(link, &topic, "join").await;
     session.rooms.push(topic);
+}
+
+/// A held join of a history room ([`Link::hold`] done): once subscribed,
+/// read the room's history, then release the client with an ack that says
+/// where it is (`epoch`, `seq`; with `since`, whether it `recovered`), the
+/// replay, and what arrived meanwhile after it. A `since` of another epoch,
+/// or older than what history still keeps, replays nothing and says
+/// `"recovered":false`: the client must reload its state.
+pub(super) async fn held(
+    session: &mut Session,
+    link: &impl Link,
+    id: Option<u64>,
+    topic: Topic,
+    rule: History,
+    replay: Replay,
+) -> Result<(), Rejection> {
+    if !link.synced().await {
+        link.abandon(&topic);
+        return Err(unavailable(id));
+    }
+    let pick = match &replay {
+        Replay::Since(since) => Pick::After(since.seq),
+        Replay::Last(n) => Pick::Last((*n).min(rule.size)),
+        Replay::None => Pick::Last(0),
+    };
+    let page = match link.history(&topic, rule, pick).await {
+        Ok(page) => page,
+        Err(e) => {
+            link.abandon(&topic);
+            return Err(Rejection::new(
+                id,
+                e.code(),
+                format!("not joined: the room's history could not be read ({e})"),
+            ));
+        }
+    };
+    let recovered = match &replay {
+        Replay::Since(since) => Some(recoverable(&page, since)),
+        _ => None,
+    };
+    link.history_join(match (&replay, recovered) {
+        (_, Some(true)) => "recovered",
+        (_, Some(false)) => "not_recovered",
+        (Replay::Last(_), _) => "history",
+        _ => "live",
+    });
+    let Target::Room(room) = topic.target() else {
+        link.abandon(&topic);
+        return Ok(());
+    };
+    let entries = match recovered {
+        Some(false) => Vec::new(),
+        _ => page.entries,
+    };
+    let frames: Vec<Outgoing> = entries
+        .iter()
+        .filter_map(|e| Outgoing::from_envelope(topic.target(), e).ok())
+        .collect();
+    let head = protocol::join_ack_frame(
+        id,
+        room,
+        &Position {
+            epoch: &page.epoch,
+            seq: page.top,
+            recovered,
+        },
+    );
+    let at = Stamp {
+        seq: page.top,
+        epoch: protocol::epoch_key(&page.epoch),
+    };
+    link.release(&topic, &[head], &frames, at);
+    joined(session, link, topic).await;
     Ok(())
+}
+
+/// Whether everything after `since` is in `page`: the same epoch, not
+/// ahead of the room, and nothing between it and the oldest kept message.
+fn recoverable(page: &Page, since: &protocol::Since) -> bool {
+    since.epoch == page.epoch && since.seq <= page.top && since.seq + 1 >= page.oldest
 }
 
 #[cfg(test)]

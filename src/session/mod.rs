@@ -21,13 +21,16 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::auth::{AuthError, Identity};
+use crate::bus::{BusError, Page, Pick};
 use crate::config::{AuthConfig, Limits};
 use crate::error::{ErrorCode, Rejection};
 use crate::gateway::{Gateway, Publish, Reply};
 use crate::limit::{Rate, TokenBucket};
+use crate::namespace::History;
 use crate::namespace::{Namespace, Namespaces};
 use crate::peer::Peer;
 use crate::protocol::{self, Request};
+use crate::protocol::{Outgoing, Replay, Stamp};
 use crate::topic::{Target, Topic};
 use crate::ws::close;
 
@@ -48,6 +51,18 @@ pub(crate) trait Link {
     /// Receive `topic`'s messages from now on (subscribing the node if needed).
     fn join(&self, topic: &Topic);
     fn leave(&self, topic: &Topic);
+    /// Join history room `topic` held: subscribed, but what arrives waits
+    /// for [`Link::release`] (see `hub.rs`).
+    fn hold(&self, topic: &Topic);
+    /// Give up a held join.
+    fn abandon(&self, topic: &Topic);
+    /// Finish a held join: `head`, then `replay`, then what arrived after
+    /// position `at`; a member from now on.
+    fn release(&self, topic: &Topic, head: &[Bytes], replay: &[Outgoing], at: Stamp);
+    /// Read a history room's position and the entries `pick` asks for.
+    async fn history(&self, topic: &Topic, rule: History, pick: Pick) -> Result<Page, BusError>;
+    /// Count a join of a history room (`roomcast_history_joins_total{outcome}`).
+    fn history_join(&self, outcome: &'static str);
     /// `true` once every join so far is in effect on the bus; `false` if the bus is down.
     async fn synced(&self) -> bool;
     /// This client's join of room `topic` is acknowledged: tell the room;
@@ -323,7 +338,7 @@ impl Session {
         let done = match self.allow(link, &request) {
             Err(rejection) => Err(rejection),
             Ok(()) => match request {
-                Request::Join { room } => join::run(self, link, id, &room).await,
+                Request::Join { room, replay } => join::run(self, link, id, &room, replay).await,
                 Request::Leave { room } => leave::run(self, link, id, &room).await,
                 Request::Send { room, event, data } => {
                     send::run(self, link, id, &room, &event, data).await
@@ -365,6 +380,20 @@ impl Session {
             return true;
         }
         false
+    }
+
+    /// Finish the join of a history room from the connect URL (held by the
+    /// connection when it opened), replaying `replay`; a failure is
+    /// answered with an error frame without an id.
+    pub async fn join_held(
+        &mut self,
+        link: &impl Link,
+        topic: Topic,
+        rule: History,
+        replay: Replay,
+    ) {
+        let done = join::held(self, link, None, topic, rule, replay).await;
+        self.settle(link, done);
     }
 
     /// A raw-mode frame: published to the connection's room.
@@ -508,6 +537,30 @@ impl Link for NodeLink<'_> {
         self.gw.hub.leave(topic, self.peer);
     }
 
+    fn hold(&self, topic: &Topic) {
+        self.gw.hub.hold(topic, self.peer);
+    }
+
+    fn abandon(&self, topic: &Topic) {
+        self.gw.hub.abandon(topic, self.peer);
+    }
+
+    fn release(&self, topic: &Topic, head: &[Bytes], replay: &[Outgoing], at: Stamp) {
+        self.gw.hub.release(topic, self.peer, head, replay, at);
+    }
+
+    async fn history(&self, topic: &Topic, rule: History, pick: Pick) -> Result<Page, BusError> {
+        self.gw.bus.history(topic, rule, pick).await
+    }
+
+    fn history_join(&self, outcome: &'static str) {
+        self.gw
+            .metrics
+            .history_joins
+            .with_label_values(&[outcome])
+            .inc();
+    }
+
     async fn synced(&self) -> bool {
         self.gw.hub.sync().await
     }
@@ -519,8 +572,7 @@ impl Link for NodeLink<'_> {
     async fn publish(&self, topic: Topic, envelope: Bytes, reply: Reply) {
         self.gw
             .enqueue(Publish {
-                topic,
-                envelope,
+                message: self.gw.message(topic, envelope),
                 peer: self.peer.clone(),
                 reply,
             })
@@ -569,6 +621,10 @@ pub(crate) mod testing {
         pub bus_up: bool,
         pub replies: RefCell<Vec<serde_json::Value>>,
         pub joined: RefCell<Vec<Topic>>,
+        /// Held joins (history rooms).
+        pub held: RefCell<Vec<Topic>>,
+        /// What `history` answers (`None`: the bus is down).
+        pub page: RefCell<Option<Page>>,
         pub published: RefCell<Vec<(Topic, serde_json::Value)>>,
         pub refused: RefCell<Vec<ErrorCode>>,
         pub dropped: RefCell<Vec<&'static str>>,
@@ -625,6 +681,8 @@ pub(crate) mod testing {
                 bus_up: true,
                 replies: RefCell::default(),
                 joined: RefCell::default(),
+                held: RefCell::default(),
+                page: RefCell::default(),
                 published: RefCell::default(),
                 refused: RefCell::default(),
                 dropped: RefCell::default(),
@@ -712,6 +770,44 @@ pub(crate) mod testing {
         async fn synced(&self) -> bool {
             self.bus_up
         }
+        fn hold(&self, topic: &Topic) {
+            self.held.borrow_mut().push(topic.clone());
+        }
+        fn abandon(&self, topic: &Topic) {
+            self.held.borrow_mut().retain(|t| t != topic);
+        }
+        fn release(&self, topic: &Topic, head: &[Bytes], replay: &[Outgoing], _at: Stamp) {
+            self.abandon(topic);
+            self.joined.borrow_mut().push(topic.clone());
+            for frame in head {
+                self.reply(frame);
+            }
+            for out in replay {
+                self.reply(&out.json);
+            }
+        }
+        async fn history(
+            &self,
+            _topic: &Topic,
+            _rule: History,
+            pick: Pick,
+        ) -> Result<Page, BusError> {
+            let page = self.page.borrow().clone();
+            let mut page = page.ok_or_else(|| BusError::Unavailable("down".into()))?;
+            page.entries = match pick {
+                Pick::After(seq) => page
+                    .entries
+                    .into_iter()
+                    .filter(|e| protocol::peek_stamp(e).is_some_and(|(s, _)| s > seq))
+                    .collect(),
+                Pick::Last(n) => {
+                    let skip = page.entries.len().saturating_sub(n);
+                    page.entries.into_iter().skip(skip).collect()
+                }
+            };
+            Ok(page)
+        }
+        fn history_join(&self, _outcome: &'static str) {}
         fn joined(&self, topic: &Topic) -> u64 {
             self.joined.borrow().iter().filter(|t| *t == topic).count() as u64
         }
