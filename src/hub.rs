@@ -237,6 +237,7 @@ impl Hub {
             recovery.floors.push((peer.seq, at));
         }
         room.members.insert(peer.clone());
+        let _ = self.subs.send(SubCmd::Position(topic.clone(), at));
     }
 
     pub fn leave(&self, topic: &Topic, peer: &Peer) {

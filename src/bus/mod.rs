@@ -33,6 +33,7 @@ use crate::config::BusConfig;
 use crate::error::ErrorCode;
 use crate::metrics::Metrics;
 use crate::namespace::History;
+use crate::protocol::Stamp;
 use crate::topic::Topic;
 
 /// Most messages handed to [`Deliver::deliver_batch`] as one batch.
@@ -48,6 +49,10 @@ pub enum SubCmd {
     /// bus is down (it will apply them when it reconnects, but messages
     /// published meanwhile are not received).
     Sync(oneshot::Sender<bool>),
+    /// A client joined history room `topic` at this position (what its join
+    /// read): a room that has received nothing yet is repaired from there
+    /// after an outage.
+    Position(Topic, Stamp),
 }
 
 /// Where the bus hands what it receives.

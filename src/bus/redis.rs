@@ -429,6 +429,7 @@ impl Supervisor {
             SubCmd::Sync(done) => {
                 let _ = done.send(false);
             }
+            SubCmd::Position(topic, at) => self.seen.position(topic.key(), at),
         }
     }
 
@@ -612,12 +613,16 @@ impl Supervisor {
                     let _ = done.send(true);
                     continue;
                 }
+                SubCmd::Position(topic, at) => {
+                    self.seen.position(topic.key(), at);
+                    continue;
+                }
             };
             let mut topics = vec![first];
             while let Some(next) = cmds.next_if(|c| match c {
                 SubCmd::Subscribe(_) => subscribe,
                 SubCmd::Unsubscribe(_) => !subscribe,
-                SubCmd::Sync(_) => false,
+                SubCmd::Sync(_) | SubCmd::Position(..) => false,
             }) {
                 if let SubCmd::Subscribe(topic) | SubCmd::Unsubscribe(topic) = next {
                     topics.push(topic);
@@ -679,7 +684,7 @@ impl Supervisor {
             };
             for ((key, epoch, last), reply) in chunk.iter().zip(replies) {
                 let page = reply.ok().and_then(history::page);
-                let entries = self.continuation(key, epoch, *last, page);
+                let entries = self.continuation(key, *epoch, *last, page);
                 let items: Vec<(&str, &[u8])> =
                     entries.iter().map(|e| (key.as_str(), &e[..])).collect();
                 if !items.is_empty() {
@@ -695,11 +700,11 @@ impl Supervisor {
     fn continuation(
         &mut self,
         key: &str,
-        epoch: &str,
+        epoch: u64,
         last: u64,
         page: Option<Page>,
     ) -> Vec<bytes::Bytes> {
-        let Some(page) = page.filter(|p| p.epoch == epoch) else {
+        let Some(page) = page.filter(|p| crate::protocol::epoch_key(&p.epoch) == epoch) else {
             self.metrics.history_unrepaired.inc();
             self.seen.forget(key);
             return Vec::new();

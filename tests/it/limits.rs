@@ -9,35 +9,6 @@ use serde_json::{json, Value};
 
 use crate::util::*;
 
-/// A node configuration from a TOML file (namespaces need one) plus `env`.
-fn file_config(toml: &str, env: &[(&str, &str)]) -> roomcast::Config {
-    let path = std::env::temp_dir().join(format!(
-        "roomcast-limits-{}-{}.toml",
-        std::process::id(),
-        free_port()
-    ));
-    std::fs::write(&path, toml).expect("write config");
-    let mut all = vec![
-        (
-            "ROOMCAST__SERVER__LISTEN".to_string(),
-            "127.0.0.1:0".to_string(),
-        ),
-        ("ROOMCAST__API__KEYS".to_string(), TEST_API_KEY.to_string()),
-    ];
-    all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    let config = roomcast::Config::load(Some(&path), all);
-    let _ = std::fs::remove_file(&path);
-    config.unwrap_or_else(|e| panic!("test config: {e}"))
-}
-
-fn redis_env(redis: &Redis, node: &'static str) -> Vec<(&'static str, String)> {
-    vec![
-        ("ROOMCAST__BUS__KIND", "redis".into()),
-        ("ROOMCAST__BUS__REDIS__URL", redis.url()),
-        ("ROOMCAST__NODE__ID", node.into()),
-    ]
-}
-
 fn env_refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
     env.iter().map(|(k, v)| (*k, v.as_str())).collect()
 }

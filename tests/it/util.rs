@@ -225,18 +225,45 @@ pub fn config(overrides: &[(&str, &str)]) -> Config {
     Config::load(None, env).unwrap_or_else(|e| panic!("test config: {e}"))
 }
 
+/// A node configuration from a TOML file (namespaces need one) plus `env`.
+pub fn file_config(toml: &str, env: &[(&str, &str)]) -> roomcast::Config {
+    let path = std::env::temp_dir().join(format!(
+        "roomcast-limits-{}-{}.toml",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::write(&path, toml).expect("write config");
+    let mut all = vec![
+        (
+            "ROOMCAST__SERVER__LISTEN".to_string(),
+            "127.0.0.1:0".to_string(),
+        ),
+        ("ROOMCAST__API__KEYS".to_string(), TEST_API_KEY.to_string()),
+    ];
+    all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let config = roomcast::Config::load(Some(&path), all);
+    let _ = std::fs::remove_file(&path);
+    config.unwrap_or_else(|e| panic!("test config: {e}"))
+}
+
+/// The `ROOMCAST__…` settings of a node on the given Redis: its URL, this
+/// node id, and timings that notice a failure within a second.
+pub fn redis_env(redis: &Redis, node: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("ROOMCAST__BUS__KIND", "redis".into()),
+        ("ROOMCAST__BUS__REDIS__URL", redis.url()),
+        ("ROOMCAST__BUS__REDIS__PING_INTERVAL", "200ms".into()),
+        ("ROOMCAST__BUS__REDIS__TIMEOUT", "500ms".into()),
+        ("ROOMCAST__BUS__REDIS__BACKOFF_MIN", "50ms".into()),
+        ("ROOMCAST__BUS__REDIS__BACKOFF_MAX", "300ms".into()),
+        ("ROOMCAST__NODE__ID", node.into()),
+    ]
+}
+
 /// Configuration for a node on the given Redis.
 pub fn redis_config(redis: &Redis, node: &str, extra: &[(&str, &str)]) -> Config {
-    let url = redis.url();
-    let mut overrides = vec![
-        ("ROOMCAST__BUS__KIND", "redis"),
-        ("ROOMCAST__BUS__REDIS__URL", url.as_str()),
-        ("ROOMCAST__BUS__REDIS__PING_INTERVAL", "200ms"),
-        ("ROOMCAST__BUS__REDIS__TIMEOUT", "500ms"),
-        ("ROOMCAST__BUS__REDIS__BACKOFF_MIN", "50ms"),
-        ("ROOMCAST__BUS__REDIS__BACKOFF_MAX", "300ms"),
-        ("ROOMCAST__NODE__ID", node),
-    ];
+    let env = redis_env(redis, node);
+    let mut overrides: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     overrides.extend_from_slice(extra);
     config(&overrides)
 }
@@ -767,9 +794,20 @@ pub async fn start_binary_under(
     env: &[(&str, &str)],
     output: fn() -> Stdio,
 ) -> (KillOnDrop, SocketAddr) {
+    start_binary_with(wrapper, &[], env, output).await
+}
+
+/// [`start_binary_under`], with `args` after the program (e.g. `--config PATH`).
+pub async fn start_binary_with(
+    wrapper: &[&str],
+    args: &[&str],
+    env: &[(&str, &str)],
+    output: fn() -> Stdio,
+) -> (KillOnDrop, SocketAddr) {
     let bin = env!("CARGO_BIN_EXE_roomcast");
     let mut argv: Vec<&str> = wrapper.to_vec();
     argv.push(bin);
+    argv.extend_from_slice(args);
     for _ in 0..5 {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");

@@ -11,12 +11,14 @@
 //! from its last seq before the new stream is: what was published while the
 //! node was not subscribed comes from history, the rest arrives live.
 //!
-//! A room is forgotten when it is unsubscribed: the next subscription starts
-//! from whatever arrives first (a client joining then asks history itself).
+//! A room with nothing received yet is tracked from the position its first
+//! held join read ([`Seen::position`]; the lowest, if several), so that an
+//! outage before its first message is repaired too. A room is forgotten
+//! when it is unsubscribed.
 
 use std::collections::HashMap;
 
-use crate::protocol;
+use crate::protocol::{self, Stamp};
 
 /// What to do with one received message of a history room.
 #[derive(Debug, PartialEq, Eq)]
@@ -31,28 +33,44 @@ pub enum Fate {
 
 #[derive(Default)]
 pub struct Seen {
-    /// Topic key → (epoch, last seq delivered).
-    rooms: HashMap<String, (String, u64)>,
+    rooms: HashMap<String, Entry>,
+}
+
+struct Entry {
+    /// [`protocol::epoch_key`] of the room's epoch.
+    epoch: u64,
+    /// The last seq delivered (or, `hinted`, the lowest position joined at).
+    last: u64,
+    /// Nothing received yet: `last` comes from joins.
+    hinted: bool,
 }
 
 impl Seen {
     /// Decide the fate of a message of room `key` stamped `seq`/`epoch`,
     /// and count it as delivered unless it is a duplicate.
     pub fn classify(&mut self, key: &str, seq: u64, epoch: &str) -> Fate {
-        let Some((known, last)) = self.rooms.get_mut(key) else {
-            self.rooms.insert(key.to_owned(), (epoch.to_owned(), seq));
+        let epoch = protocol::epoch_key(epoch);
+        let Some(entry) = self.rooms.get_mut(key) else {
+            self.rooms.insert(
+                key.to_owned(),
+                Entry {
+                    epoch,
+                    last: seq,
+                    hinted: false,
+                },
+            );
             return Fate::Pass;
         };
-        if known != epoch {
-            *known = epoch.to_owned();
-            *last = seq;
+        entry.hinted = false;
+        if entry.epoch != epoch {
+            (entry.epoch, entry.last) = (epoch, seq);
             return Fate::Pass;
         }
-        let after = *last;
+        let after = entry.last;
         if seq <= after {
             return Fate::Duplicate;
         }
-        *last = seq;
+        entry.last = seq;
         match seq == after + 1 {
             true => Fate::Pass,
             false => Fate::Gap { after },
@@ -64,16 +82,35 @@ impl Seen {
         protocol::peek_stamp(payload)
     }
 
+    /// A client of this node joined room `key` at position `at` (what its
+    /// join read). Tracks a room that has received nothing yet from there.
+    pub fn position(&mut self, key: &str, at: Stamp) {
+        match self.rooms.get_mut(key) {
+            None => {
+                self.rooms.insert(
+                    key.to_owned(),
+                    Entry {
+                        epoch: at.epoch,
+                        last: at.seq,
+                        hinted: true,
+                    },
+                );
+            }
+            Some(e) if e.hinted && e.epoch == at.epoch => e.last = e.last.min(at.seq),
+            Some(_) => {}
+        }
+    }
+
     /// The room is no longer subscribed.
     pub fn forget(&mut self, key: &str) {
         self.rooms.remove(key);
     }
 
-    /// Every tracked room: (key, epoch, last seq).
-    pub fn rooms(&self) -> Vec<(String, String, u64)> {
+    /// Every tracked room: (key, epoch key, last seq).
+    pub fn rooms(&self) -> Vec<(String, u64, u64)> {
         self.rooms
             .iter()
-            .map(|(k, (e, s))| (k.clone(), e.clone(), *s))
+            .map(|(k, e)| (k.clone(), e.epoch, e.last))
             .collect()
     }
 }
@@ -99,5 +136,20 @@ mod tests {
         seen.forget("room:a");
         assert_eq!(seen.classify("room:a", 7, "e2"), Fate::Pass);
         assert_eq!(seen.rooms().len(), 2);
+    }
+
+    #[test]
+    fn a_room_is_tracked_from_the_lowest_position_joined_until_it_receives() {
+        let mut seen = Seen::default();
+        let e = protocol::epoch_key("e1");
+        seen.position("room:a", Stamp { seq: 10, epoch: e });
+        seen.position("room:a", Stamp { seq: 8, epoch: e });
+        assert_eq!(seen.rooms(), [("room:a".to_string(), e, 8)]);
+        // 9 and 10 may still be needed by the client that joined at 8.
+        assert_eq!(seen.classify("room:a", 9, "e1"), Fate::Pass);
+        // Received: later joins no longer move it.
+        seen.position("room:a", Stamp { seq: 3, epoch: e });
+        assert_eq!(seen.classify("room:a", 10, "e1"), Fate::Pass);
+        assert_eq!(seen.rooms(), [("room:a".to_string(), e, 10)]);
     }
 }
