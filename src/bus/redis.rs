@@ -58,6 +58,7 @@ use super::{
 use crate::config::{redact_url, RedisConfig};
 use crate::metrics::Metrics;
 use crate::namespace::History;
+use crate::protocol::epoch_key;
 use crate::topic::Topic;
 use history::Scripts;
 use repair::{Fate, Seen};
@@ -649,41 +650,44 @@ impl Supervisor {
     }
 
     /// Read from history what was published in the tracked history rooms
-    /// after what this node last delivered, and deliver it (room by room,
-    /// one pipeline per chunk of rooms). A room whose history is gone or
-    /// of another epoch is forgotten: its next message starts it again.
+    /// after what this node last delivered, and deliver it (one pipeline
+    /// per chunk of rooms). A room whose history started over while the
+    /// node was away (Redis lost it: another epoch) gets all of the new
+    /// epoch; one without history yet is forgotten (its next message
+    /// starts it again).
     async fn catch_up(&mut self, conn: &MultiplexedConnection, scripts: &Scripts) {
         let tracked = self.seen.rooms();
-        let prefix = self.bus.config.channel_prefix.clone();
         for chunk in tracked.chunks(RESUBSCRIBE_BATCH) {
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            for (key, _, last) in chunk {
-                pipe.add_command(history::read(
-                    scripts,
-                    &format!("{prefix}{key}"),
-                    Pick::After(*last),
-                    None,
-                ));
-            }
-            let mut conn = conn.clone();
-            let replies = match timeout(
-                self.bus.config.timeout,
-                pipe.query_async::<Vec<redis::RedisResult<redis::Value>>>(&mut conn),
-            )
-            .await
-            {
-                Ok(Ok(replies)) => replies,
-                _ => {
-                    tracing::warn!(
-                        rooms = chunk.len(),
-                        "history catch-up failed; those rooms may miss messages"
-                    );
-                    continue;
-                }
+            let reads: Vec<(&str, u64)> = chunk
+                .iter()
+                .map(|(k, _, last)| (k.as_str(), *last))
+                .collect();
+            let Some(mut pages) = self.read_pages(conn, scripts, &reads).await else {
+                tracing::warn!(
+                    rooms = chunk.len(),
+                    "history catch-up failed; those rooms may miss messages"
+                );
+                continue;
             };
-            for ((key, epoch, last), reply) in chunk.iter().zip(replies) {
-                let page = reply.ok().and_then(history::page);
+            let over: Vec<usize> = (0..chunk.len())
+                .filter(|&i| {
+                    pages[i]
+                        .as_ref()
+                        .is_some_and(|p| !p.epoch.is_empty() && epoch_key(&p.epoch) != chunk[i].1)
+                })
+                .collect();
+            if !over.is_empty() {
+                let reads: Vec<(&str, u64)> =
+                    over.iter().map(|&i| (chunk[i].0.as_str(), 0)).collect();
+                let fresh = self
+                    .read_pages(conn, scripts, &reads)
+                    .await
+                    .unwrap_or_default();
+                for (i, page) in over.into_iter().zip(fresh) {
+                    pages[i] = page;
+                }
+            }
+            for ((key, epoch, last), page) in chunk.iter().zip(pages) {
                 let entries = self.continuation(key, *epoch, *last, page);
                 let items: Vec<(&str, &[u8])> =
                     entries.iter().map(|e| (key.as_str(), &e[..])).collect();
@@ -694,9 +698,45 @@ impl Supervisor {
         }
     }
 
+    /// Read rooms' history after a seq each, in one pipeline: a page (or
+    /// `None`) per room, or `None` when the pipeline failed.
+    async fn read_pages(
+        &self,
+        conn: &MultiplexedConnection,
+        scripts: &Scripts,
+        reads: &[(&str, u64)],
+    ) -> Option<Vec<Option<Page>>> {
+        let prefix = &self.bus.config.channel_prefix;
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for (key, after) in reads {
+            pipe.add_command(history::read(
+                scripts,
+                &format!("{prefix}{key}"),
+                Pick::After(*after),
+                None,
+            ));
+        }
+        let mut conn = conn.clone();
+        match timeout(
+            self.bus.config.timeout,
+            pipe.query_async::<Vec<redis::RedisResult<redis::Value>>>(&mut conn),
+        )
+        .await
+        {
+            Ok(Ok(replies)) => Some(
+                replies
+                    .into_iter()
+                    .map(|r| r.ok().and_then(history::page))
+                    .collect(),
+            ),
+            _ => None,
+        }
+    }
+
     /// What of `page` continues room `key` after (`epoch`, `last`): the
-    /// entries to deliver, counted; the room is forgotten if it cannot be
-    /// continued (its history is gone or of another epoch).
+    /// entries to deliver, counted. `page` is of the same epoch (read after
+    /// `last`) or of a new one (read from its start).
     fn continuation(
         &mut self,
         key: &str,
@@ -704,23 +744,37 @@ impl Supervisor {
         last: u64,
         page: Option<Page>,
     ) -> Vec<bytes::Bytes> {
-        let Some(page) = page.filter(|p| crate::protocol::epoch_key(&p.epoch) == epoch) else {
-            self.metrics.history_unrepaired.inc();
-            self.seen.forget(key);
-            return Vec::new();
+        let page = match page {
+            Some(page) if !page.epoch.is_empty() => page,
+            // No history at all (Redis lost it, and nothing was published since).
+            Some(_) => {
+                self.seen.forget(key);
+                return Vec::new();
+            }
+            None => {
+                tracing::warn!(
+                    room = key,
+                    "history catch-up failed for a room; it may miss messages"
+                );
+                return Vec::new();
+            }
         };
-        if page.oldest > last + 1 {
+        if epoch_key(&page.epoch) == epoch && page.oldest > last + 1 {
             self.metrics
                 .history_unrepaired
                 .inc_by(page.oldest - last - 1);
         }
         let mut out = Vec::with_capacity(page.entries.len());
         for entry in page.entries {
-            if let Some((seq, e)) = Seen::stamp(&entry) {
-                if self.seen.classify(key, seq, e) != Fate::Duplicate {
-                    out.push(entry);
-                }
+            let Some((seq, e)) = Seen::stamp(&entry) else {
+                continue;
+            };
+            match self.seen.classify(key, seq, e) {
+                Fate::Duplicate => continue,
+                Fate::Gap { after } => self.metrics.history_unrepaired.inc_by(seq - after - 1),
+                Fate::Pass => {}
             }
+            out.push(entry);
         }
         self.metrics.history_repaired.inc_by(out.len() as u64);
         out

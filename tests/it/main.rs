@@ -21,5 +21,6 @@ mod nginx;
 mod outage;
 mod presence;
 mod raw;
+mod recovery;
 mod slow;
 mod tls;

@@ -6,7 +6,8 @@
 //! it handed to its clients. The next message is either the next seq (pass),
 //! an old one (a duplicate, after a repair: dropped), a jump (a gap on the
 //! live stream: the missing seqs are read from history first), or of another
-//! epoch (the room's history was lost in Redis: pass, nothing to repair).
+//! epoch (the room's history was lost in Redis and started over: what came
+//! before it in the new epoch is a gap too).
 //! After the subscriber connection is replaced, every tracked room is read
 //! from its last seq before the new stream is: what was published while the
 //! node was not subscribed comes from history, the rest arrives live.
@@ -63,8 +64,12 @@ impl Seen {
         };
         entry.hinted = false;
         if entry.epoch != epoch {
+            // The room's history started over: all of the new epoch is news.
             (entry.epoch, entry.last) = (epoch, seq);
-            return Fate::Pass;
+            return match seq {
+                1 => Fate::Pass,
+                _ => Fate::Gap { after: 0 },
+            };
         }
         let after = entry.last;
         if seq <= after {
@@ -128,9 +133,11 @@ mod tests {
         assert_eq!(seen.classify("room:a", 3, "e1"), Fate::Duplicate);
         assert_eq!(seen.classify("room:a", 9, "e1"), Fate::Gap { after: 6 });
         assert_eq!(seen.classify("room:a", 10, "e1"), Fate::Pass);
-        // History lost in Redis: the new epoch starts over at 1.
+        // History lost in Redis: the new epoch starts over at 1…
         assert_eq!(seen.classify("room:a", 1, "e2"), Fate::Pass);
         assert_eq!(seen.classify("room:a", 2, "e2"), Fate::Pass);
+        // …and what it had before its first message here is missing.
+        assert_eq!(seen.classify("room:a", 4, "e3"), Fate::Gap { after: 0 });
         // Rooms are independent; a forgotten room starts from what arrives.
         assert_eq!(seen.classify("room:b", 40, "e1"), Fate::Pass);
         seen.forget("room:a");
