@@ -111,7 +111,8 @@ struct FanoutArgs {
     /// Seconds to wait for in-flight messages after the window (publishers paused)
     #[arg(long, default_value_t = 3.0)]
     drain: f64,
-    /// Room name prefix (rooms are PREFIX0..PREFIX{R-1})
+    /// Room name prefix (rooms are PREFIX0..PREFIX{R-1}); point it at a server namespace
+    /// (e.g. `h.`, one with history on) to measure that namespace's rules
     #[arg(long, default_value = "bench-")]
     room_prefix: String,
     /// Spread client sockets over source addresses 127.0.0.1..=127.0.0.K
@@ -266,7 +267,7 @@ fn check_prefix(p: &str) -> Result<(), UsageError> {
         Ok(())
     } else {
         Err(UsageError(format!(
-            "--room-prefix {p:?}: use at most 64 of [A-Za-z0-9_.-]"
+            "--room-prefix {p:?}: use at most 64 of [A-Za-z0-9_.:@-]"
         )))
     }
 }
@@ -531,6 +532,13 @@ mod tests {
         assert_eq!(cfg.targets.len(), 2);
         assert_eq!(cfg.protocol, Protocol::Plain);
         assert_eq!(cfg.room_name(1), "r1");
+
+        // A history namespace's prefix (server config `[[namespaces]] prefix = "h."`).
+        for prefix in ["h.", "live:"] {
+            let (job, _) = parse(&["fanout", "--room-prefix", prefix]).ok().unwrap();
+            let Job::Fanout(cfg, _) = job else { panic!() };
+            assert_eq!(cfg.room_name(3), format!("{prefix}3"));
+        }
 
         let (job, _) = parse(&[
             "ramp",
