@@ -118,6 +118,11 @@ struct FanoutArgs {
     /// Spread client sockets over source addresses 127.0.0.1..=127.0.0.K
     #[arg(long, default_value_t = 1)]
     sources: usize,
+    /// The rooms have history (`--room-prefix` names a namespace with `history` on the
+    /// server): fail the run unless every `msg` frame carries a server `seq` and none is
+    /// skipped or repeated. Seqs are counted and reported without it too (json protocol).
+    #[arg(long)]
+    check_seq: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -285,6 +290,11 @@ fn load_cfg(a: &FanoutArgs) -> Result<LoadCfg, UsageError> {
     count("size", a.size, payload::MIN_SIZE, payload::MAX_SIZE)?;
     count("sources", a.sources, 1, 254)?;
     check_prefix(&a.room_prefix)?;
+    if a.check_seq && a.common.protocol != Protocol::Json {
+        return Err(UsageError(
+            "--check-seq needs --protocol json: only roomcast's JSON msg frames carry a seq".into(),
+        ));
+    }
     if a.rooms > a.publishers {
         eprintln!(
             "note: {} rooms but only {} publishers: rooms {}.. get no messages",
@@ -303,6 +313,7 @@ fn load_cfg(a: &FanoutArgs) -> Result<LoadCfg, UsageError> {
         connect_timeout: secs("connect-timeout", a.common.connect_timeout, false)?,
         server_pids: a.common.server_pids.clone(),
         sources: a.sources,
+        check_seq: a.check_seq,
     })
 }
 
@@ -538,7 +549,13 @@ mod tests {
             let (job, _) = parse(&["fanout", "--room-prefix", prefix]).ok().unwrap();
             let Job::Fanout(cfg, _) = job else { panic!() };
             assert_eq!(cfg.room_name(3), format!("{prefix}3"));
+            assert!(!cfg.check_seq);
         }
+        let (job, _) = parse(&["ramp", "--room-prefix", "h.", "--check-seq"])
+            .ok()
+            .unwrap();
+        let Job::Ramp(cfg, _) = job else { panic!() };
+        assert!(cfg.check_seq);
 
         let (job, _) = parse(&[
             "ramp",
@@ -589,6 +606,8 @@ mod tests {
         assert!(parse(&["fanout", "--size", "10"]).is_err());
         assert!(parse(&["fanout", "--rate", "0"]).is_err());
         assert!(parse(&["fanout", "--room-prefix", "a&b="]).is_err());
+        assert!(parse(&["fanout", "--check-seq", "--protocol", "raw"]).is_err());
+        assert!(parse(&["fanout", "--check-seq", "--protocol", "plain"]).is_err());
         assert!(parse(&["idle", "--connections", "200001"]).is_err());
         assert!(parse(&["ramp", "--step", "1"]).is_err());
         assert!(parse(&["ramp", "--max-steps", "100"]).is_err());
