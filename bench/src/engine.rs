@@ -39,6 +39,8 @@ pub struct LoadCfg {
     pub connect_concurrency: usize,
     pub connect_timeout: Duration,
     pub server_pids: Vec<u32>,
+    /// `--redis-pid`: the bus's processes, for their CPU in each window.
+    pub redis_pids: Vec<u32>,
     pub sources: usize,
     /// `--check-seq`: the rooms are expected to have history (every `msg`
     /// frame carries a server `seq`); the run fails if none does, or if any
@@ -141,6 +143,8 @@ pub struct WindowResult {
     pub duration_s: f64,
     pub acc: Accounting,
     pub cpu: CpuDelta,
+    /// Redis's CPU in the window (`server_*` fields: the `--redis-pid`s).
+    pub redis_cpu: CpuDelta,
     pub server_rss_kb: Option<u64>,
     pub target_sent: u64,
 }
@@ -345,8 +349,10 @@ impl Session {
         self.windows.open(k, start, end);
         tokio::time::sleep_until(instant_at(start).into()).await;
         let cpu0 = CpuSample::take(&self.cfg.server_pids);
+        let redis0 = CpuSample::take(&self.cfg.redis_pids);
         tokio::time::sleep_until(instant_at(end).into()).await;
         let cpu1 = CpuSample::take(&self.cfg.server_pids);
+        let redis1 = CpuSample::take(&self.cfg.redis_pids);
         let server_rss_kb = procfs::total_rss_kb(&self.cfg.server_pids);
 
         self.set_rate(0.0);
@@ -385,6 +391,7 @@ impl Session {
             duration_s: duration.as_secs_f64(),
             acc,
             cpu: procfs::cpu_delta(&cpu0, &cpu1),
+            redis_cpu: procfs::cpu_delta(&redis0, &redis1),
             server_rss_kb,
             target_sent: (rate * duration.as_secs_f64() * self.connected_publishers as f64).round()
                 as u64,
@@ -813,6 +820,7 @@ mod tests {
             connect_concurrency: 1,
             connect_timeout: Duration::from_secs(1),
             server_pids: Vec::new(),
+            redis_pids: Vec::new(),
             sources: 1,
             check_seq,
         };

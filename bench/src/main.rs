@@ -123,6 +123,9 @@ struct FanoutArgs {
     /// skipped or repeated. Seqs are counted and reported without it too (json protocol).
     #[arg(long)]
     check_seq: bool,
+    /// Redis process id, for Redis's CPU in the measured window (repeatable; summed)
+    #[arg(long = "redis-pid", value_name = "PID")]
+    redis_pids: Vec<u32>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -257,14 +260,19 @@ fn check_common(c: &CommonArgs) -> Result<Vec<Target>, UsageError> {
         }
         targets.push(t);
     }
-    for pid in &c.server_pids {
+    check_pids("server-pid", &c.server_pids)?;
+    Ok(targets)
+}
+
+fn check_pids(flag: &str, pids: &[u32]) -> Result<(), UsageError> {
+    for pid in pids {
         if procfs::cpu_ticks(&pid.to_string()).is_none() {
             return Err(UsageError(format!(
-                "--server-pid {pid}: cannot read /proc/{pid}/stat (no such process?)"
+                "--{flag} {pid}: cannot read /proc/{pid}/stat (no such process?)"
             )));
         }
     }
-    Ok(targets)
+    Ok(())
 }
 
 fn check_prefix(p: &str) -> Result<(), UsageError> {
@@ -290,6 +298,7 @@ fn load_cfg(a: &FanoutArgs) -> Result<LoadCfg, UsageError> {
     count("size", a.size, payload::MIN_SIZE, payload::MAX_SIZE)?;
     count("sources", a.sources, 1, 254)?;
     check_prefix(&a.room_prefix)?;
+    check_pids("redis-pid", &a.redis_pids)?;
     if a.check_seq && a.common.protocol != Protocol::Json {
         return Err(UsageError(
             "--check-seq needs --protocol json: only roomcast's JSON msg frames carry a seq".into(),
@@ -312,6 +321,7 @@ fn load_cfg(a: &FanoutArgs) -> Result<LoadCfg, UsageError> {
         connect_concurrency: a.common.connect_concurrency,
         connect_timeout: secs("connect-timeout", a.common.connect_timeout, false)?,
         server_pids: a.common.server_pids.clone(),
+        redis_pids: a.redis_pids.clone(),
         sources: a.sources,
         check_seq: a.check_seq,
     })
@@ -532,6 +542,8 @@ mod tests {
             "r",
             "--server-pid",
             &std::process::id().to_string(),
+            "--redis-pid",
+            &std::process::id().to_string(),
             "--threads",
             "2",
             "--connect-concurrency",
@@ -541,6 +553,7 @@ mod tests {
         .unwrap();
         let Job::Fanout(cfg, _) = job else { panic!() };
         assert_eq!(cfg.targets.len(), 2);
+        assert_eq!(cfg.redis_pids, [std::process::id()]);
         assert_eq!(cfg.protocol, Protocol::Plain);
         assert_eq!(cfg.room_name(1), "r1");
 
@@ -607,6 +620,7 @@ mod tests {
         assert!(parse(&["fanout", "--rate", "0"]).is_err());
         assert!(parse(&["fanout", "--room-prefix", "a&b="]).is_err());
         assert!(parse(&["fanout", "--check-seq", "--protocol", "raw"]).is_err());
+        assert!(parse(&["fanout", "--redis-pid", "4000000000"]).is_err());
         assert!(parse(&["fanout", "--check-seq", "--protocol", "plain"]).is_err());
         assert!(parse(&["idle", "--connections", "200001"]).is_err());
         assert!(parse(&["ramp", "--step", "1"]).is_err());

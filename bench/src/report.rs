@@ -64,6 +64,11 @@ pub struct RunReport {
     pub server_pids: Vec<u32>,
     pub server_cpu_us_per_delivery: Option<f64>,
     pub server_cpu_percent: Option<f64>,
+    /// `--redis-pid`s and their CPU in the window: % of one core, and µs per
+    /// message sent (Redis's work follows publishes, not deliveries).
+    pub redis_pids: Vec<u32>,
+    pub redis_cpu_percent_window: Option<f64>,
+    pub redis_cpu_us_per_message: Option<f64>,
     pub generator_cpu_percent: Option<f64>,
     pub generator_threads: usize,
     pub server_rss_kb: Option<u64>,
@@ -88,6 +93,10 @@ impl RunReport {
         let received = w.acc.received;
         let per_delivery = match w.cpu.server_us {
             Some(us) if received > 0 => Some(round3(us / received as f64)),
+            _ => None,
+        };
+        let redis_per_message = match w.redis_cpu.server_us {
+            Some(us) if w.acc.sent > 0 => Some(round3(us / w.acc.sent as f64)),
             _ => None,
         };
         RunReport {
@@ -140,6 +149,9 @@ impl RunReport {
             server_pids: c.server_pids.clone(),
             server_cpu_us_per_delivery: per_delivery,
             server_cpu_percent: w.cpu.server_percent.map(round1),
+            redis_pids: c.redis_pids.clone(),
+            redis_cpu_percent_window: w.redis_cpu.server_percent.map(round1),
+            redis_cpu_us_per_message: redis_per_message,
             generator_cpu_percent: w.cpu.generator_percent.map(round1),
             generator_threads: meta.threads,
             server_rss_kb: w.server_rss_kb,
@@ -246,6 +258,14 @@ impl RunReport {
                 opt(self.server_cpu_percent),
                 opt(self.server_cpu_us_per_delivery),
                 self.server_rss_kb.map_or_else(|| "n/a".into(), |v| v.to_string())
+            );
+        }
+        if !self.redis_pids.is_empty() {
+            eprintln!(
+                "  redis:       pids {:?}: cpu {}% of one core in the window, {} µs CPU per message sent",
+                self.redis_pids,
+                opt(self.redis_cpu_percent_window),
+                opt(self.redis_cpu_us_per_message)
             );
         }
         eprintln!(
