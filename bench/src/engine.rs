@@ -1046,6 +1046,120 @@ mod tests {
         }
     }
 
+    /// A stand-in for roomcast with history on, on loopback: a welcome, then
+    /// every `send` comes back to every connection as a `msg` with the next
+    /// seq, except that seq `skip` is never used (0: none skipped).
+    async fn fake_history_server(skip: u64) -> std::net::SocketAddr {
+        use std::sync::atomic::AtomicU64;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, _) = tokio::sync::broadcast::channel::<String>(4096);
+        let seq = Arc::new(AtomicU64::new(0));
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (tx, seq) = (tx.clone(), seq.clone());
+                tokio::spawn(async move {
+                    let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+                        return;
+                    };
+                    let welcome = r#"{"op":"welcome","conn":"c1","node":"n1"}"#;
+                    if ws.send(Message::Text(welcome.into())).await.is_err() {
+                        return;
+                    }
+                    let mut rx = tx.subscribe();
+                    loop {
+                        tokio::select! {
+                            m = rx.recv() => match m {
+                                Ok(t) => if ws.send(Message::Text(t.into())).await.is_err() { return },
+                                Err(_) => return,
+                            },
+                            item = ws.next() => match item {
+                                Some(Ok(Message::Text(t))) => {
+                                    let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+                                    let mut n = seq.fetch_add(1, Ordering::SeqCst) + 1;
+                                    if n == skip {
+                                        n = seq.fetch_add(1, Ordering::SeqCst) + 1;
+                                    }
+                                    let _ = tx.send(format!(
+                                        r#"{{"op":"msg","room":{},"event":"bench","from":"c1","ts":1,"data":{},"seq":{n},"epoch":"E1"}}"#,
+                                        v["room"], v["data"]
+                                    ));
+                                }
+                                Some(Ok(_)) => {}
+                                _ => return,
+                            },
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// The whole path, subscriber to report, against [`fake_history_server`]:
+    /// 3 subscribers and 1 publisher at 50 msg/s for under a second.
+    async fn run_against_fake(skip: u64) -> crate::report::RunReport {
+        let addr = fake_history_server(skip).await;
+        let cfg = LoadCfg {
+            targets: vec![Target::parse(&format!("ws://{addr}")).unwrap()],
+            protocol: Protocol::Json,
+            subscribers: 3,
+            rooms: 1,
+            publishers: 1,
+            size: 64,
+            room_prefix: "h.".into(),
+            connect_concurrency: 4,
+            connect_timeout: Duration::from_secs(5),
+            server_pids: Vec::new(),
+            redis_pids: Vec::new(),
+            sources: 1,
+            check_seq: true,
+        };
+        let mut s = Session::connect(cfg).await;
+        assert_eq!((s.connected_subscribers, s.connected_publishers), (3, 1));
+        let ms = Duration::from_millis;
+        let w = s.measure(50.0, ms(300), ms(500), ms(300)).await;
+        let meta = crate::report::RunMeta {
+            mode: "fanout",
+            step: None,
+            warmup_s: 0.3,
+            drain_s: 0.3,
+            threads: 2,
+        };
+        let r = crate::report::RunReport::build(&s, w, &meta);
+        s.shutdown().await;
+        r
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn seqs_reach_the_report() {
+        let r = run_against_fake(0).await;
+        assert!(r.received > 0 && r.lost == 0, "{r:?}");
+        // Every message of the window carried a seq, in order.
+        assert_eq!(r.seq_frames, r.received, "{r:?}");
+        assert_eq!(
+            (r.seq_gaps, r.seq_duplicates, r.epoch_changes, r.seq_missing),
+            (0, 0, 0, 0)
+        );
+        assert!(r.seq_since_connect.frames > r.seq_frames);
+        assert!(!r.seq_since_connect.broken());
+        assert_eq!(r.seq_check_failure(), None);
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["seq_gaps"], 0);
+        assert_eq!(
+            json["seq_since_connect"]["frames"],
+            r.seq_since_connect.frames
+        );
+
+        // Seq 5 is skipped (in the warm-up): each of the 3 subscribers misses it.
+        let r = run_against_fake(5).await;
+        assert_eq!(r.seq_since_connect.gaps, 3, "{r:?}");
+        assert_eq!(r.seq_gaps, 0, "the gap was before the window: {r:?}");
+        assert_eq!(r.lost, 0, "a skipped seq is not a lost bench message");
+        let why = r.seq_check_failure().unwrap();
+        assert!(why.contains("3 skipped"), "{why}");
+    }
+
     #[test]
     fn events_maps() {
         let e = Events::default();
