@@ -18,6 +18,12 @@
 #              the `roomcast` kind runs with JWT auth required (HS256) and every bench
 #              connection presents a token; roomcast-base runs without: auth on vs off
 #   MODE=ramp bash bench/compare.sh
+#   HISTORY=1 ROOMCAST_BIN=path bash bench/compare.sh
+#              per-room history off vs on: every run of the `roomcast` kind is made twice, with
+#              a config file (--config) whose namespace "h." has no history, then one whose
+#              "h." has history = { size = 100, ttl = "5m" }; the generator uses --room-prefix h.
+#              (and --check-seq when on). SERVERS defaults to "roomcast"; HISTORY_RUNS="off on off on"
+#              alternates more. ROOMCAST_BIN must be a build that knows namespaces[].history.
 #
 # See bench/README.md for every variable.
 # shellcheck disable=SC2317  # functions run through traps and wait_until
@@ -56,6 +62,14 @@ STEP_DURATION=${STEP_DURATION:-10}
 MAX_P99_MS=${MAX_P99_MS:-50}
 MAX_LOSS=${MAX_LOSS:-0.001}
 MAX_STEPS=${MAX_STEPS:-12}
+HISTORY=${HISTORY:-0}               # 1: the roomcast kind runs with history off and on (see above)
+HISTORY_RUNS=${HISTORY_RUNS:-off on} # with HISTORY=1: the variants, in this order, for every roomcast run
+HISTORY_PREFIX=${HISTORY_PREFIX:-h.} # the namespace (and --room-prefix) of the history runs
+HISTORY_SIZE=${HISTORY_SIZE:-100}    # history = { size = …, ttl = … } of that namespace when on
+HISTORY_TTL=${HISTORY_TTL:-5m}
+if [[ $HISTORY == 1 ]]; then
+  SERVERS=${SERVERS:-roomcast}      # history is roomcast's own; other servers can still be named
+fi
 SERVERS=${SERVERS:-roomcast node-ws}   # add uws (uWebSockets.js) and/or python-ws (single-process Python)
 NODES=${NODES:-1}                   # server processes per server kind, all on SERVER_CPU, one Redis
 ROOMCAST_PROTOCOLS=${ROOMCAST_PROTOCOLS:-json}   # e.g. "json raw"
@@ -71,6 +85,18 @@ die() { echo "compare.sh: $*" >&2; exit 1; }
 log() { echo "==> $*" >&2; }
 
 case $MODE in fanout | idle | ramp) ;; *) die "MODE must be fanout, idle or ramp (got '$MODE')" ;; esac
+case $HISTORY in 0 | 1) ;; *) die "HISTORY must be 0 or 1 (got '$HISTORY')" ;; esac
+if [[ $HISTORY == 1 ]]; then
+  [[ $MODE != idle ]] || die "HISTORY=1 needs messages: use MODE=fanout or MODE=ramp"
+  [[ " $SERVERS " == *" roomcast "* ]] || die "HISTORY=1 applies to the roomcast kind: name it in SERVERS"
+  [[ -n $HISTORY_RUNS ]] || die "HISTORY_RUNS is empty (give off and/or on)"
+  for v in $HISTORY_RUNS; do
+    case $v in off | on) ;; *) die "HISTORY_RUNS: '$v' is neither off nor on" ;; esac
+  done
+  [[ $HISTORY_PREFIX =~ ^[A-Za-z0-9_.:@-]{1,64}$ ]] || die "HISTORY_PREFIX '$HISTORY_PREFIX': use 1-64 of [A-Za-z0-9_.:@-]"
+  [[ $HISTORY_SIZE =~ ^[0-9]+$ ]] || die "HISTORY_SIZE must be a number (got '$HISTORY_SIZE')"
+  [[ $HISTORY_TTL =~ ^[0-9a-z]+$ ]] || die "HISTORY_TTL must be a duration such as 5m or 300s (got '$HISTORY_TTL')"
+fi
 for server in $SERVERS; do
   case $server in roomcast | roomcast-base | node-ws | uws | python-ws) ;; *) die "unknown server '$server' in SERVERS (roomcast, roomcast-base, node-ws, uws, python-ws)" ;; esac
 done
@@ -170,6 +196,23 @@ RUNS=$WORK/runs.jsonl
 : >"$RUNS"
 PIDS=()
 
+# ---------------------------------------------------------------- history configs
+# A namespace can only be set in a config file (roomcast --config PATH); the same namespace,
+# rooms and room names serve both variants, so the only difference is the history line.
+if [[ $HISTORY == 1 ]]; then
+  printf '# compare.sh HISTORY=1: history off\n[[namespaces]]\nprefix = "%s"\n' \
+    "$HISTORY_PREFIX" >"$WORK/history-off.toml"
+  printf '# compare.sh HISTORY=1: history on\n[[namespaces]]\nprefix = "%s"\nhistory = { size = %s, ttl = "%s" }\n' \
+    "$HISTORY_PREFIX" "$HISTORY_SIZE" "$HISTORY_TTL" >"$WORK/history-on.toml"
+  for v in $HISTORY_RUNS; do
+    if ! env -u RUST_LOG "$ROOMCAST_BIN" --config "$WORK/history-$v.toml" --check-config \
+      >"$WORK/history-$v.check" 2>&1; then
+      cat "$WORK/history-$v.check" >&2
+      die "$ROOMCAST_BIN rejects $WORK/history-$v.toml (a build without per-room history? set ROOMCAST_BIN to one that has it)"
+    fi
+  done
+fi
+
 stop_pid() { # stop_pid PID [GRACE_S]: SIGTERM, wait up to GRACE_S, then SIGKILL
   local pid=$1 grace=${2:-15} i
   kill -0 "$pid" 2>/dev/null || return 0
@@ -260,15 +303,16 @@ fi
 # ---------------------------------------------------------------- one run
 SERVER_PIDS=() URLS=()
 
-start_server() { # start_server NAME LOGFILE: NODES processes of one kind
-  local name=$1 logf=$2 i port pid
+start_server() { # start_server NAME LOGFILE [CONFIG]: NODES processes of one kind (CONFIG: roomcast --config)
+  local name=$1 logf=$2 config=${3:-} i port pid
   SERVER_PIDS=() URLS=()
   for ((i = 1; i <= NODES; i++)); do
     port=$(free_port)
     case $name in
       roomcast | roomcast-base)
-        local bin=$ROOMCAST_BIN auth_env=()
+        local bin=$ROOMCAST_BIN auth_env=() config_args=()
         [[ $name == roomcast ]] || bin=$BASE_BIN
+        [[ -z $config ]] || config_args=(--config "$config")
         if [[ $name == roomcast && $AUTH == 1 ]]; then
           auth_env=(ROOMCAST__AUTH__ALGORITHM=HS256 ROOMCAST__AUTH__SECRET="$AUTH_SECRET"
             ROOMCAST__AUTH__ANONYMOUS=false)
@@ -281,7 +325,7 @@ start_server() { # start_server NAME LOGFILE: NODES processes of one kind
           ROOMCAST__LOG__LEVEL=warn \
           ROOMCAST__SHUTDOWN__DRAIN=1s \
           ROOMCAST__LIMITS__MESSAGES_PER_SECOND=0 \
-          taskset -c "$SERVER_CPU" "$bin" >"$logf.$i" 2>&1 &
+          taskset -c "$SERVER_CPU" "$bin" "${config_args[@]}" >"$logf.$i" 2>&1 &
         pid=$!
         PIDS+=("$pid")
         wait_until 30 "$pid" "$logf.$i" roomcast ready_http "$port"
@@ -324,23 +368,26 @@ stop_server() {
 }
 
 load_args() { # the fan-out load shared by fanout and ramp
-  ARGS=(--subscribers "$SUBS" --rooms "$ROOMS" --publishers "$PUBS" --size "$SIZE" --warmup "$WARMUP")
+  ARGS=(--subscribers "$SUBS" --rooms "$ROOMS" --publishers "$PUBS" --size "$SIZE" --warmup "$WARMUP"
+    --redis-pid "$REDIS_PID")
   [[ -z $DRAIN ]] || ARGS+=(--drain "$DRAIN")
   [[ -z $THREADS ]] || ARGS+=(--threads "$THREADS")
 }
 
 FAILED=0
-run_one() { # run_one SERVER PROTOCOL
-  local server=$1 proto=$2 label tag out err limit rc t0 t1 r0 r1
+run_one() { # run_one SERVER PROTOCOL [HISTORY off|on]
+  local server=$1 proto=$2 history=${3:-} label tag out err limit rc t0 t1 r0 r1 config=""
   label=$server
   [[ $server != roomcast* ]] || label="$server ($proto)"
   [[ ! ($server == roomcast && $AUTH == 1) ]] || label="$label +auth"
+  [[ -z $history ]] || label="$label history $history"
   [[ $NODES == 1 ]] || label="$label x$NODES nodes"
   RUN_NO=$((${RUN_NO:-0} + 1))
-  tag=$server-$proto-$RUN_NO
+  tag=$server-$proto${history:+-history-$history}-$RUN_NO
   out=$WORK/$tag.out err=$WORK/$tag.bench.log
-  log "$label: starting"
-  start_server "$server" "$WORK/$tag.server.log"
+  [[ -z $history ]] || config=$WORK/history-$history.toml
+  log "$label: starting${config:+ (--config $config)}"
+  start_server "$server" "$WORK/$tag.server.log" "$config"
   local cmd=("$BENCH_BIN") pid
   case $MODE in
     fanout)
@@ -360,6 +407,11 @@ run_one() { # run_one SERVER PROTOCOL
       ;;
   esac
   for pid in "${SERVER_PIDS[@]}"; do cmd+=(--server-pid "$pid"); done
+  if [[ -n $history ]]; then
+    cmd+=(--room-prefix "$HISTORY_PREFIX")
+    # Only JSON msg frames carry a seq: with history on they must, without gaps.
+    [[ ! ($history == on && $proto == json) ]] || cmd+=(--check-seq)
+  fi
   [[ ! ($server == roomcast && $AUTH == 1) ]] || cmd+=(--token "$AUTH_TOKEN")
   log "$label: roomcast-bench ${cmd[*]:1}  (core $BENCH_CPU, limit ${limit}s)"
   echo "${cmd[*]}" >"$err"
@@ -374,12 +426,17 @@ run_one() { # run_one SERVER PROTOCOL
   echo "== exit code $rc" >>"$err"
   t1=$(date +%s%N) r1=$(redis_ticks "$REDIS_PID")
   stop_server
+  local server_config=""  # the --config file's settings on one line, for the results
+  [[ -z $config ]] || server_config=$(grep -v '^#' "$config" | tr '\n' ' ')
 
-  if ! python3 - "$label" "$server" "$proto" "$rc" $((r1 - r0)) "$CLK_TCK" $((t1 - t0)) "$out" >>"$RUNS" <<'PY'; then
+  if ! python3 - "$label" "$server" "$proto" "$rc" $((r1 - r0)) "$CLK_TCK" $((t1 - t0)) "$out" "$history" "$server_config" >>"$RUNS" <<'PY'; then
 import json, sys
-label, server, proto, rc, ticks, clk, wall_ns, path = sys.argv[1:]
+label, server, proto, rc, ticks, clk, wall_ns, path, history, server_config = sys.argv[1:]
 extra = {"server": label, "server_kind": server, "bench_protocol": proto,
          "redis_cpu_percent": round(int(ticks) / int(clk) / (int(wall_ns) / 1e9) * 100, 2)}
+if history:
+    extra["history"] = history
+    extra["server_config"] = server_config.strip()
 found = False
 for line in open(path, errors="replace"):
     line = line.strip()
@@ -408,6 +465,10 @@ PYWS_NOTE="note: python-ws skipped: it is a single process with rooms in memory 
 for server in $SERVERS; do
   if [[ $server == python-ws && $PYWS_SKIPPED == 1 ]]; then
     log "${PYWS_NOTE#note: }"
+  elif [[ $server == roomcast && $HISTORY == 1 ]]; then
+    for proto in $ROOMCAST_PROTOCOLS; do
+      for v in $HISTORY_RUNS; do run_one "$server" "$proto" "$v"; done
+    done
   elif [[ $server == roomcast* ]]; then
     for proto in $ROOMCAST_PROTOCOLS; do run_one "$server" "$proto"; done
   else
@@ -444,6 +505,30 @@ def table(head, rows, text_cols=(0,)):
 
 def failed(r, n):
     return [r["server"], f"**failed** (exit {r.get('exit_code')})"] + ["–"] * (n - 2)
+
+def seq_total(r):  # server seqs (history rooms) since the generator connected
+    return r.get("seq_since_connect") or {}
+
+def seq_cells(r):
+    t = seq_total(r)
+    if not t.get("frames") and not t.get("missing"):
+        return ["–", "–"]
+    bad = t.get("gaps", 0) or t.get("duplicates", 0) or t.get("missing", 0)
+    cell = f"{t.get('gaps', 0):,} / {t.get('duplicates', 0):,} / {t.get('missing', 0):,}"
+    return [f"**{cell}**" if bad else cell, num(t.get("epoch_changes"), ",")]
+
+def seq_notes(rows):
+    for r in rows:
+        t = seq_total(r)
+        if t.get("gaps") or t.get("duplicates") or t.get("missing"):
+            print(f"**SEQ PROBLEMS** {r['server']}: since connect {t.get('gaps', 0):,} seqs skipped, "
+                  f"{t.get('duplicates', 0):,} repeated, {t.get('missing', 0):,} msg frames without a seq "
+                  f"(of {t.get('frames', 0):,} with one)")
+        elif r.get("history") == "on" and r.get("bench_protocol") == "json" and not t.get("frames"):
+            print(f"**NO SEQ** {r['server']}: history on, but no msg frame carried a seq "
+                  f"(rooms {r.get('room_prefix')}0..)")
+        if t.get("epoch_changes"):
+            print(f"note: {r['server']}: the epoch changed {t['epoch_changes']:,} time(s): a room's history was lost")
 
 for r in recs:  # a run that printed results but then exited non-zero
     if r.get("exit_code") and r.get("mode") != "error":
@@ -483,19 +568,32 @@ elif ramp_res or ramp_steps:
     for name in dict.fromkeys(s["server"] for s in ramp_steps if s["server"] not in done):
         rows.append([name, "**no result**"] + ["–"] * (len(head) - 2))
     table(head, rows, text_cols=(0, 3, 5))
+    seq_notes(ramp_res)  # each ramp's seq counters since connect, as of its last step
     if ramp_steps:
         print()
-        head = ["server", "rate/publisher", "deliveries/s", "lost", "p99 ms", "server CPU µs/delivery"]
+        head = ["server", "rate/publisher", "deliveries/s", "lost", "p99 ms", "server CPU µs/delivery",
+                "redis CPU % window"]
+        with_seq = any(seq_total(s).get("frames") or s.get("history") for s in ramp_steps)
+        if with_seq:
+            head += ["seq gaps / dup / missing", "epoch changes"]
         rows = []
         for s in ramp_steps:
             lat = s.get("latency_ms") or {}
             rows.append([s["server"], num(s.get("rate"), ",.1f"), num(s.get("deliveries_per_s"), ",.0f"),
                          num(s.get("lost"), ","), num(lat.get("p99"), ".2f"),
-                         num(s.get("server_cpu_us_per_delivery"), ".2f")])
+                         num(s.get("server_cpu_us_per_delivery"), ".2f"),
+                         num(s.get("redis_cpu_percent_window"), ".1f")]
+                        + (seq_cells(s) if with_seq else []))
         table(head, rows)
 else:
     head = ["server", "deliveries/s", "lost", "dup", "reordered", "p50 ms", "p99 ms", "p99.9 ms",
-            "max ms", "server CPU µs/delivery", "redis CPU %", "generator CPU %"]
+            "max ms", "server CPU µs/delivery", "redis CPU %", "redis CPU % window",
+            "redis CPU µs/message", "generator CPU %"]
+    # Server seqs, when any run had history (or was meant to): since connect.
+    with_seq = any(seq_total(r).get("frames") or seq_total(r).get("missing") or r.get("history")
+                   for r in fan)
+    if with_seq:
+        head += ["seq gaps / dup / missing", "epoch changes"]
     rows = []
     for r in fan:
         if r.get("mode") == "error":
@@ -506,8 +604,14 @@ else:
                      num(r.get("duplicates"), ","), num(r.get("reordered"), ","),
                      num(lat.get("p50"), ".2f"), num(lat.get("p99"), ".2f"), num(lat.get("p999"), ".2f"),
                      num(lat.get("max"), ".2f"), num(r.get("server_cpu_us_per_delivery"), ".2f"),
-                     num(r.get("redis_cpu_percent"), ".1f"), num(r.get("generator_cpu_percent"), ".1f")])
+                     num(r.get("redis_cpu_percent"), ".1f"), num(r.get("redis_cpu_percent_window"), ".1f"),
+                     num(r.get("redis_cpu_us_per_message"), ".1f"), num(r.get("generator_cpu_percent"), ".1f")]
+                    + (seq_cells(r) if with_seq else []))
     table(head, rows)
+    if with_seq:
+        print("\nseq gaps / dup / missing: server seqs (rooms with history) the subscribers saw skipped, "
+              "repeated, or absent, since they connected; – where no frame carried one.")
+        seq_notes([r for r in fan if r.get("mode") == "fanout"])
     ok = [r for r in fan if r.get("mode") == "fanout"]
     if ok:
         r = ok[0]
@@ -515,7 +619,8 @@ else:
         print(f"\n{g('subscribers')} subscribers in {g('rooms')} rooms, {g('publishers')} publishers "
               f"x {g('rate')} msg/s, {g('size')} B, warmup {g('warmup_s')} s, "
               f"measured {g('duration_s')} s; server and Redis on one core, generator on another; "
-              f"redis CPU % is over the whole run including connect and warmup.")
+              f"redis CPU % is over the whole run including connect and warmup, redis CPU % window "
+              f"and µs/message (per message published) over the measured window only.")
         bad = [x["server"] for x in ok if any(x.get(k) for k in ("connect_failures", "disconnects", "errors"))]
         for x in ok:
             if x["server"] in bad:

@@ -179,11 +179,14 @@ impl Target {
     }
 }
 
-/// Room names are put into URLs unescaped, so keep them to a safe alphabet.
+/// Room names are put into URLs unescaped, so keep them to a safe alphabet:
+/// roomcast's own room alphabet (`A-Z a-z 0-9 _ - . : @`), all of which may
+/// stand unescaped in a URL's path and query. A namespace prefix such as `h.`
+/// or `live:` (e.g. one with history on) can be given as it is.
 pub fn valid_room_prefix(p: &str) -> bool {
     p.len() <= 64
         && p.bytes()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':' | b'@'))
 }
 
 /// Source address for connection `i` with `k` sources: 127.0.0.(1 + i % k).
@@ -501,8 +504,26 @@ mod tests {
             IpAddr::V4(Ipv4Addr::new(127, 0, 0, 254))
         );
         assert!(valid_room_prefix("bench-"));
+        // Namespace prefixes, e.g. one configured with history on the server.
+        for p in ["h.", "live:", "team@", "a_b-c.d:e@"] {
+            assert!(valid_room_prefix(p), "{p}");
+            let room = format!("{p}0");
+            let t = Target::parse("ws://127.0.0.1:8080/gw").unwrap();
+            for proto in [Protocol::Json, Protocol::Raw, Protocol::Plain] {
+                let url = t.url_for(proto, &room);
+                let req = url.as_str().into_client_request().unwrap();
+                // The room reaches the server as written, not cut at ':' or '@'.
+                let pq = req.uri().path_and_query().unwrap().as_str().to_string();
+                assert!(pq.contains(&room), "{url}: {pq}");
+                assert_eq!(req.uri().host(), Some("127.0.0.1"), "{url}");
+            }
+        }
         assert!(!valid_room_prefix("a&b"));
         assert!(!valid_room_prefix("a b"));
+        assert!(!valid_room_prefix("a/b"));
+        assert!(!valid_room_prefix("a?b"));
+        assert!(!valid_room_prefix("a#b"));
+        assert!(!valid_room_prefix(&"x".repeat(65)));
     }
 
     #[test]

@@ -18,10 +18,13 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::conn::{self, FailureLog, Protocol, Target, Ws};
 use crate::payload::{
-    self, classify_json, instant_at, now_ns, parse_header, FrameBuilder, Header, JsonFrame, Wire,
+    self, classify_json, history_fields, instant_at, now_ns, parse_header, FrameBuilder, Header,
+    HistoryFields, JsonFrame, Wire,
 };
 use crate::procfs::{self, CpuDelta, CpuSample};
-use crate::stats::{Accounting, SeqTrack, WinStats, Windows, MAX_WINDOWS};
+use crate::stats::{
+    Accounting, RoomSeq, SeqCounts, SeqStep, SeqTrack, WinStats, Windows, MAX_WINDOWS,
+};
 
 /// Everything needed to set up the load (from the CLI).
 #[derive(Debug, Clone)]
@@ -36,7 +39,13 @@ pub struct LoadCfg {
     pub connect_concurrency: usize,
     pub connect_timeout: Duration,
     pub server_pids: Vec<u32>,
+    /// `--redis-pid`: the bus's processes, for their CPU in each window.
+    pub redis_pids: Vec<u32>,
     pub sources: usize,
+    /// `--check-seq`: the rooms are expected to have history (every `msg`
+    /// frame carries a server `seq`); the run fails if none does, or if any
+    /// seq is missing, skipped or repeated. Seqs are counted either way.
+    pub check_seq: bool,
 }
 
 impl LoadCfg {
@@ -124,6 +133,8 @@ struct SubReport {
     room: usize,
     window: usize,
     stats: WinStats,
+    /// The subscriber's server-seq counters since it connected.
+    seq_since_connect: SeqCounts,
 }
 
 /// The outcome of one measured window.
@@ -132,6 +143,8 @@ pub struct WindowResult {
     pub duration_s: f64,
     pub acc: Accounting,
     pub cpu: CpuDelta,
+    /// Redis's CPU in the window (`server_*` fields: the `--redis-pid`s).
+    pub redis_cpu: CpuDelta,
     pub server_rss_kb: Option<u64>,
     pub target_sent: u64,
 }
@@ -192,6 +205,9 @@ impl Session {
                 ],
                 wins: Vec::new(),
                 reported: 0,
+                room_seq: RoomSeq::default(),
+                seq_total: SeqCounts::default(),
+                unsequenced: 0,
             };
             let target = cfg.targets[node_for(i, cfg.rooms, cfg.targets.len())].clone();
             let source = cfg.source(i, &target);
@@ -333,8 +349,10 @@ impl Session {
         self.windows.open(k, start, end);
         tokio::time::sleep_until(instant_at(start).into()).await;
         let cpu0 = CpuSample::take(&self.cfg.server_pids);
+        let redis0 = CpuSample::take(&self.cfg.redis_pids);
         tokio::time::sleep_until(instant_at(end).into()).await;
         let cpu1 = CpuSample::take(&self.cfg.server_pids);
+        let redis1 = CpuSample::take(&self.cfg.redis_pids);
         let server_rss_kb = procfs::total_rss_kb(&self.cfg.server_pids);
 
         self.set_rate(0.0);
@@ -360,6 +378,7 @@ impl Session {
                 Ok(Some(r)) if r.window == k => {
                     got += 1;
                     acc.add_subscriber(sent_per_room[r.room], r.stats);
+                    acc.seq_since_connect.merge(&r.seq_since_connect);
                 }
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => break,
@@ -372,6 +391,7 @@ impl Session {
             duration_s: duration.as_secs_f64(),
             acc,
             cpu: procfs::cpu_delta(&cpu0, &cpu1),
+            redis_cpu: procfs::cpu_delta(&redis0, &redis1),
             server_rss_kb,
             target_sent: (rate * duration.as_secs_f64() * self.connected_publishers as f64).round()
                 as u64,
@@ -484,7 +504,19 @@ struct Subscriber {
     wins: Vec<WinStats>,
     /// Windows below this index were already reported.
     reported: usize,
+    /// The server seq of the one room this connection is in (history rooms).
+    room_seq: RoomSeq,
+    /// Server-seq counters since connect, windows or not.
+    seq_total: SeqCounts,
+    /// `msg` frames without a seq before the first with one.
+    unsequenced: u32,
 }
+
+/// Without `--check-seq`, a connection whose first this many `msg` frames
+/// carry no seq is in a room without history (a room has history or not for
+/// the server's life), and stops looking: rooms without history then pay
+/// nothing for the check.
+const NO_HISTORY_AFTER: u32 = 16;
 
 impl Subscriber {
     async fn run(
@@ -540,21 +572,59 @@ impl Subscriber {
                 room: self.room,
                 window: k,
                 stats,
+                seq_since_connect: self.seq_total,
             });
             self.reported += 1;
+        }
+    }
+
+    /// The server seq of a JSON `msg` frame (history rooms), checked against
+    /// the last one; counted since connect here, per window by the caller.
+    /// `data` is the frame from the payload's first byte on: the payload is
+    /// exactly `size` bytes we wrote, so the key search skips it.
+    #[inline]
+    fn check_seq(&mut self, text: &str, data: &[u8]) -> Option<SeqStep> {
+        if self.unsequenced >= NO_HISTORY_AFTER && !self.cfg.check_seq {
+            return None;
+        }
+        let start = text.len() - data.len();
+        let end = start + self.cfg.size;
+        let skip = if text.as_bytes().get(end) == Some(&b'"') {
+            start..end
+        } else {
+            start..start // not our payload as we sent it: search it all
+        };
+        match history_fields(text, skip) {
+            HistoryFields::Seq { seq, epoch } => {
+                let step = self.room_seq.observe(seq, epoch);
+                self.seq_total.add_step(step);
+                Some(step)
+            }
+            HistoryFields::None if self.room_seq.seen() => {
+                self.seq_total.add_step(SeqStep::Missing);
+                Some(SeqStep::Missing)
+            }
+            HistoryFields::None => {
+                self.unsequenced += 1;
+                None
+            }
+            HistoryFields::Bad => {
+                self.events.bad_frames.fetch_add(1, Ordering::Relaxed);
+                None
+            }
         }
     }
 
     #[inline]
     fn on_text(&mut self, text: &str) {
         let now = now_ns();
-        let data = match self.cfg.protocol {
+        let (data, seq) = match self.cfg.protocol {
             Protocol::Json => match classify_json(text) {
-                JsonFrame::Msg(d) => d,
+                JsonFrame::Msg(d) => (d, self.check_seq(text, d)),
                 JsonFrame::Welcome | JsonFrame::Other => return,
                 JsonFrame::Error(code) => return self.events.error_frame(code),
             },
-            Protocol::Raw | Protocol::Plain => text.as_bytes(),
+            Protocol::Raw | Protocol::Plain => (text.as_bytes(), None),
         };
         let Some(h) = parse_header(data) else {
             self.events.bad_frames.fetch_add(1, Ordering::Relaxed);
@@ -574,7 +644,11 @@ impl Subscriber {
             if self.wins.len() <= k {
                 self.wins.resize_with(k + 1, WinStats::default);
             }
-            self.wins[k].record(obs, now.saturating_sub(h.send_ns) / 1000);
+            let w = &mut self.wins[k];
+            w.record(obs, now.saturating_sub(h.send_ns) / 1000);
+            if let Some(step) = seq {
+                w.seq.add_step(step);
+            }
         }
     }
 }
@@ -732,6 +806,367 @@ mod tests {
                 assert!(p / rooms < pubs_in_room(p % rooms, rooms, pubs));
             }
         }
+    }
+
+    fn test_subscriber(size: usize, check_seq: bool) -> Subscriber {
+        let cfg = LoadCfg {
+            targets: Vec::new(),
+            protocol: Protocol::Json,
+            subscribers: 1,
+            rooms: 1,
+            publishers: 1,
+            size,
+            room_prefix: "h.".into(),
+            connect_concurrency: 1,
+            connect_timeout: Duration::from_secs(1),
+            server_pids: Vec::new(),
+            redis_pids: Vec::new(),
+            sources: 1,
+            check_seq,
+        };
+        let windows = Arc::new(Windows::default());
+        // Window 0: messages sent at [1000, 2000) ns on the process clock.
+        windows.open(0, 1000, 2000);
+        Subscriber {
+            cfg: Arc::new(cfg),
+            room: 0,
+            windows,
+            events: Arc::new(Events::default()),
+            tracks: vec![SeqTrack::default(); 1],
+            wins: Vec::new(),
+            reported: 0,
+            room_seq: RoomSeq::default(),
+            seq_total: SeqCounts::default(),
+            unsequenced: 0,
+        }
+    }
+
+    /// The `msg` frame roomcast sends for publisher 0's message number `n`
+    /// (sent at `send_ns`), with `extra` fields (history: seq, epoch) after data.
+    fn server_msg(size: usize, n: u64, send_ns: u64, extra: &str) -> String {
+        let send = FrameBuilder::new(Wire::Json, "h.0", size).build(Header {
+            publisher: 0,
+            seq: n,
+            send_ns,
+        });
+        let v: serde_json::Value = serde_json::from_str(&send).unwrap();
+        let data = v["data"].as_str().unwrap();
+        format!(
+            r#"{{"op":"msg","room":"h.0","event":"bench","from":"n1-2","ts":1764770000000,"data":"{data}"{extra}}}"#
+        )
+    }
+
+    fn bench_data(msg: &str) -> String {
+        let v: serde_json::Value = serde_json::from_str(msg).unwrap();
+        v["data"].as_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn subscriber_counts_server_seqs() {
+        for check_seq in [true, false] {
+            subscriber_counts_server_seqs_with(check_seq);
+        }
+    }
+
+    fn subscriber_counts_server_seqs_with(check_seq: bool) {
+        let size = 100;
+        let mut sub = test_subscriber(size, check_seq);
+        // (bench message number, send time, the server's history fields)
+        let frames: &[(u64, u64, &str)] = &[
+            (0, 500, r#","seq":41,"epoch":"E1""#), // warm-up: since connect only
+            (1, 1000, r#","seq":42,"epoch":"E1""#),
+            (2, 1001, r#","seq":43,"epoch":"E1""#),
+            (3, 1002, r#","seq":46,"epoch":"E1""#), // 44 and 45 never came
+            (4, 1003, r#","seq":46,"epoch":"E1""#), // 46 again
+            (5, 1004, r#","seq":1,"epoch":"E2""#),  // history lost: starts over
+            (6, 1005, ""),                          // no seq in a history room
+            (7, 1006, r#","seq":2,"epoch":"E2""#),
+            (8, 5000, r#","seq":4,"epoch":"E2""#), // drain: since connect only
+        ];
+        for &(n, t, extra) in frames {
+            sub.on_text(&server_msg(size, n, t, extra));
+        }
+        // Key order does not matter.
+        sub.on_text(&format!(
+            r#"{{"seq":5,"epoch":"E2","op":"msg","room":"h.0","from":"x","data":"{}"}}"#,
+            bench_data(&server_msg(size, 9, 1007, ""))
+        ));
+        let w = &sub.wins[0].seq;
+        assert_eq!(
+            *w,
+            SeqCounts {
+                frames: 7,
+                gaps: 2,
+                duplicates: 1,
+                epoch_changes: 1,
+                missing: 1,
+            },
+            "window"
+        );
+        assert_eq!(
+            sub.seq_total,
+            SeqCounts {
+                frames: 9,
+                gaps: 3,
+                duplicates: 1,
+                epoch_changes: 1,
+                missing: 1,
+            },
+            "since connect"
+        );
+        // The bench's own accounting is unaffected: 8 distinct messages in the window.
+        assert_eq!(sub.wins[0].received, 8);
+        assert_eq!(sub.events.bad_frames.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn subscriber_without_history_counts_nothing() {
+        let size = 40;
+        let mut sub = test_subscriber(size, true);
+        for n in 0..5 {
+            sub.on_text(&server_msg(size, n, 1000 + n, ""));
+        }
+        assert_eq!(sub.seq_total, SeqCounts::default());
+        assert_eq!(sub.wins[0].seq, SeqCounts::default());
+        assert_eq!(sub.wins[0].received, 5);
+        // A seq that is not a number is a bad frame, not a seq.
+        sub.on_text(&server_msg(size, 5, 1005, r#","seq":"x""#));
+        assert_eq!(sub.events.bad_frames.load(Ordering::Relaxed), 1);
+        assert_eq!(sub.seq_total, SeqCounts::default());
+        assert_eq!(sub.wins[0].received, 6);
+    }
+
+    #[test]
+    fn without_check_seq_a_room_without_history_stops_looking() {
+        let size = 40;
+        for check_seq in [false, true] {
+            let mut sub = test_subscriber(size, check_seq);
+            for n in 0..u64::from(NO_HISTORY_AFTER) {
+                sub.on_text(&server_msg(size, n, 1000 + n, ""));
+            }
+            // A seq after that many frames without one: only --check-seq still looks.
+            sub.on_text(&server_msg(size, 99, 1099, r#","seq":1,"epoch":"E""#));
+            assert_eq!(
+                sub.seq_total.frames,
+                u64::from(check_seq),
+                "check_seq {check_seq}"
+            );
+        }
+        // One seq early on keeps the connection looking (and missing seqs count).
+        let mut sub = test_subscriber(size, false);
+        sub.on_text(&server_msg(size, 0, 1000, r#","seq":1,"epoch":"E""#));
+        for n in 1..=u64::from(NO_HISTORY_AFTER) {
+            sub.on_text(&server_msg(size, n, 1000 + n, ""));
+        }
+        sub.on_text(&server_msg(size, 50, 1050, r#","seq":30,"epoch":"E""#));
+        assert_eq!(
+            sub.seq_total,
+            SeqCounts {
+                frames: 2,
+                gaps: 28,
+                missing: u64::from(NO_HISTORY_AFTER),
+                ..Default::default()
+            }
+        );
+    }
+
+    /// What the seq check costs on the receive path, per frame. Not a
+    /// correctness test; run it in release:
+    /// `cargo test --release -p roomcast-bench -- --ignored --nocapture seq_check_cost`
+    /// Every case is timed once per round, rounds interleaved, best of 9
+    /// (a shared machine's noise only ever adds time).
+    #[test]
+    #[ignore]
+    fn seq_check_cost() {
+        use std::hint::black_box;
+        let size = 100;
+        let n = 1_000_000usize;
+        let frames = |hist: bool| -> Vec<(String, std::ops::Range<usize>)> {
+            (0..1000u64)
+                .map(|i| {
+                    let extra = if hist {
+                        format!(r#","seq":{},"epoch":"1764770000123456""#, 1000 + i)
+                    } else {
+                        String::new()
+                    };
+                    let f = server_msg(size, i, 1500, &extra);
+                    let at = f.find("\"data\":\"").unwrap() + 8;
+                    (f, at..at + size)
+                })
+                .collect()
+        };
+        let (plain, hist) = (frames(false), frames(true));
+        let time = |f: &mut dyn FnMut(usize)| {
+            let t = Instant::now();
+            for i in 0..n {
+                f(i % 1000);
+            }
+            t.elapsed().as_nanos() as f64 / n as f64
+        };
+        // Subscribers for the whole receive path (classify, header, publisher
+        // seq track, window, latency histogram, server-seq check).
+        let mut latched = test_subscriber(size, false); // stops looking after 16 frames
+        let mut looking = test_subscriber(size, true); // searches every frame
+        let mut hist_sub = test_subscriber(size, true);
+        let names = [
+            "history_fields, frame without a seq",
+            "history_fields, frame with a seq",
+            "classify_json + parse_header (for scale)",
+            "the same with payload::find, the first-byte scan classify_json used before",
+            "on_text, no history, stopped looking (= no check)",
+            "on_text, no history, --check-seq (searches every frame)",
+            "on_text, history frame, --check-seq",
+        ];
+        let mut best = [f64::MAX; 7];
+        for _ in 0..9 {
+            let t = [
+                time(&mut |i| {
+                    let (f, skip) = &plain[i];
+                    black_box(history_fields(black_box(f), skip.clone()));
+                }),
+                time(&mut |i| {
+                    let (f, skip) = &hist[i];
+                    black_box(history_fields(black_box(f), skip.clone()));
+                }),
+                time(&mut |i| {
+                    if let JsonFrame::Msg(d) = classify_json(black_box(&plain[i].0)) {
+                        black_box(parse_header(d));
+                    }
+                }),
+                time(&mut |i| {
+                    let b = black_box(&plain[i].0).as_bytes();
+                    if b.starts_with(b"{\"op\":\"msg\"") {
+                        if let Some(at) = payload::find(b, b"\"data\":\"") {
+                            black_box(parse_header(&b[at + 8..]));
+                        }
+                    }
+                }),
+                time(&mut |i| latched.on_text(black_box(&plain[i].0))),
+                time(&mut |i| looking.on_text(black_box(&plain[i].0))),
+                time(&mut |i| hist_sub.on_text(black_box(&hist[i].0))),
+            ];
+            for (b, t) in best.iter_mut().zip(t) {
+                *b = b.min(t);
+            }
+        }
+        assert!(latched.unsequenced >= NO_HISTORY_AFTER && hist_sub.seq_total.frames > 0);
+        for (name, ns) in names.iter().zip(best) {
+            eprintln!("{ns:7.1} ns/frame  {name}");
+        }
+    }
+
+    /// A stand-in for roomcast with history on, on loopback: a welcome, then
+    /// every `send` comes back to every connection as a `msg` with the next
+    /// seq, except that seq `skip` is never used (0: none skipped).
+    async fn fake_history_server(skip: u64) -> std::net::SocketAddr {
+        use std::sync::atomic::AtomicU64;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, _) = tokio::sync::broadcast::channel::<String>(4096);
+        let seq = Arc::new(AtomicU64::new(0));
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (tx, seq) = (tx.clone(), seq.clone());
+                tokio::spawn(async move {
+                    let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+                        return;
+                    };
+                    let welcome = r#"{"op":"welcome","conn":"c1","node":"n1"}"#;
+                    if ws.send(Message::Text(welcome.into())).await.is_err() {
+                        return;
+                    }
+                    let mut rx = tx.subscribe();
+                    loop {
+                        tokio::select! {
+                            m = rx.recv() => match m {
+                                Ok(t) => if ws.send(Message::Text(t.into())).await.is_err() { return },
+                                Err(_) => return,
+                            },
+                            item = ws.next() => match item {
+                                Some(Ok(Message::Text(t))) => {
+                                    let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+                                    let mut n = seq.fetch_add(1, Ordering::SeqCst) + 1;
+                                    if n == skip {
+                                        n = seq.fetch_add(1, Ordering::SeqCst) + 1;
+                                    }
+                                    let _ = tx.send(format!(
+                                        r#"{{"op":"msg","room":{},"event":"bench","from":"c1","ts":1,"data":{},"seq":{n},"epoch":"E1"}}"#,
+                                        v["room"], v["data"]
+                                    ));
+                                }
+                                Some(Ok(_)) => {}
+                                _ => return,
+                            },
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// The whole path, subscriber to report, against [`fake_history_server`]:
+    /// 3 subscribers and 1 publisher at 50 msg/s for under a second.
+    async fn run_against_fake(skip: u64) -> crate::report::RunReport {
+        let addr = fake_history_server(skip).await;
+        let cfg = LoadCfg {
+            targets: vec![Target::parse(&format!("ws://{addr}")).unwrap()],
+            protocol: Protocol::Json,
+            subscribers: 3,
+            rooms: 1,
+            publishers: 1,
+            size: 64,
+            room_prefix: "h.".into(),
+            connect_concurrency: 4,
+            connect_timeout: Duration::from_secs(5),
+            server_pids: Vec::new(),
+            redis_pids: Vec::new(),
+            sources: 1,
+            check_seq: true,
+        };
+        let mut s = Session::connect(cfg).await;
+        assert_eq!((s.connected_subscribers, s.connected_publishers), (3, 1));
+        let ms = Duration::from_millis;
+        let w = s.measure(50.0, ms(300), ms(500), ms(300)).await;
+        let meta = crate::report::RunMeta {
+            mode: "fanout",
+            step: None,
+            warmup_s: 0.3,
+            drain_s: 0.3,
+            threads: 2,
+        };
+        let r = crate::report::RunReport::build(&s, w, &meta);
+        s.shutdown().await;
+        r
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn seqs_reach_the_report() {
+        let r = run_against_fake(0).await;
+        assert!(r.received > 0 && r.lost == 0, "{r:?}");
+        // Every message of the window carried a seq, in order.
+        assert_eq!(r.seq_frames, r.received, "{r:?}");
+        assert_eq!(
+            (r.seq_gaps, r.seq_duplicates, r.epoch_changes, r.seq_missing),
+            (0, 0, 0, 0)
+        );
+        assert!(r.seq_since_connect.frames > r.seq_frames);
+        assert!(!r.seq_since_connect.broken());
+        assert_eq!(r.seq_check_failure(), None);
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["seq_gaps"], 0);
+        assert_eq!(
+            json["seq_since_connect"]["frames"],
+            r.seq_since_connect.frames
+        );
+
+        // Seq 5 is skipped (in the warm-up): each of the 3 subscribers misses it.
+        let r = run_against_fake(5).await;
+        assert_eq!(r.seq_since_connect.gaps, 3, "{r:?}");
+        assert_eq!(r.seq_gaps, 0, "the gap was before the window: {r:?}");
+        assert_eq!(r.lost, 0, "a skipped seq is not a lost bench message");
+        let why = r.seq_check_failure().unwrap();
+        assert!(why.contains("3 skipped"), "{why}");
     }
 
     #[test]

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::engine::{LoadCfg, Session};
 use crate::report::{emit, RunMeta, RunReport};
+use crate::stats::SeqCounts;
 
 /// Timing of a fanout run.
 #[derive(Debug, Clone, Copy)]
@@ -46,7 +47,7 @@ pub async fn run_fanout(cfg: LoadCfg, plan: FanoutPlan) -> i32 {
     s.shutdown().await;
     r.print_human();
     emit(&r);
-    if ok {
+    if ok && r.seq_check_failure().is_none() {
         0
     } else {
         1
@@ -93,6 +94,8 @@ pub struct RampResult {
     pub generator_cpu_percent: Option<f64>,
     pub generator_threads: usize,
     pub generator_saturated: bool,
+    /// Server seqs (history rooms) over the whole ramp, as of the last step.
+    pub seq_since_connect: Option<SeqCounts>,
 }
 
 /// Why a step broke the thresholds, if it did.
@@ -126,6 +129,7 @@ pub async fn run_ramp(cfg: LoadCfg, plan: RampPlan) -> i32 {
     let mut last: Option<RunReport> = None;
     let mut rate = plan.start_rate;
     let mut steps_run = 0;
+    let mut seq_failure = None;
     'steps: for step in 0..plan.max_steps {
         for attempt in 0..=plan.retries {
             let settle = if step == 0 && attempt == 0 {
@@ -151,6 +155,10 @@ pub async fn run_ramp(cfg: LoadCfg, plan: RampPlan) -> i32 {
             r.print_human();
             emit(&r);
             steps_run += 1;
+            // Counters since connect only grow: the last failing step says it all.
+            if let Some(why) = r.seq_check_failure() {
+                seq_failure = Some(why);
+            }
             let verdict = step_verdict(
                 r.latency_ms.p99,
                 r.loss_fraction,
@@ -198,6 +206,7 @@ pub async fn run_ramp(cfg: LoadCfg, plan: RampPlan) -> i32 {
         generator_cpu_percent: last.as_ref().and_then(|r| r.generator_cpu_percent),
         generator_threads: plan.threads,
         generator_saturated: last.as_ref().is_some_and(|r| r.generator_saturated()),
+        seq_since_connect: last.as_ref().map(|r| r.seq_since_connect),
     };
     s.shutdown().await;
     eprintln!("== ramp result ==");
@@ -219,6 +228,10 @@ pub async fn run_ramp(cfg: LoadCfg, plan: RampPlan) -> i32 {
         );
     }
     emit(&result);
+    if let Some(why) = seq_failure {
+        eprintln!("  FAILED --check-seq: {why}");
+        return 1;
+    }
     0
 }
 

@@ -111,12 +111,21 @@ struct FanoutArgs {
     /// Seconds to wait for in-flight messages after the window (publishers paused)
     #[arg(long, default_value_t = 3.0)]
     drain: f64,
-    /// Room name prefix (rooms are PREFIX0..PREFIX{R-1})
+    /// Room name prefix (rooms are PREFIX0..PREFIX{R-1}); point it at a server namespace
+    /// (e.g. `h.`, one with history on) to measure that namespace's rules
     #[arg(long, default_value = "bench-")]
     room_prefix: String,
     /// Spread client sockets over source addresses 127.0.0.1..=127.0.0.K
     #[arg(long, default_value_t = 1)]
     sources: usize,
+    /// The rooms have history (`--room-prefix` names a namespace with `history` on the
+    /// server): fail the run unless every `msg` frame carries a server `seq` and none is
+    /// skipped or repeated. Seqs are counted and reported without it too (json protocol).
+    #[arg(long)]
+    check_seq: bool,
+    /// Redis process id, for Redis's CPU in the measured window (repeatable; summed)
+    #[arg(long = "redis-pid", value_name = "PID")]
+    redis_pids: Vec<u32>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -251,14 +260,19 @@ fn check_common(c: &CommonArgs) -> Result<Vec<Target>, UsageError> {
         }
         targets.push(t);
     }
-    for pid in &c.server_pids {
+    check_pids("server-pid", &c.server_pids)?;
+    Ok(targets)
+}
+
+fn check_pids(flag: &str, pids: &[u32]) -> Result<(), UsageError> {
+    for pid in pids {
         if procfs::cpu_ticks(&pid.to_string()).is_none() {
             return Err(UsageError(format!(
-                "--server-pid {pid}: cannot read /proc/{pid}/stat (no such process?)"
+                "--{flag} {pid}: cannot read /proc/{pid}/stat (no such process?)"
             )));
         }
     }
-    Ok(targets)
+    Ok(())
 }
 
 fn check_prefix(p: &str) -> Result<(), UsageError> {
@@ -266,7 +280,7 @@ fn check_prefix(p: &str) -> Result<(), UsageError> {
         Ok(())
     } else {
         Err(UsageError(format!(
-            "--room-prefix {p:?}: use at most 64 of [A-Za-z0-9_.-]"
+            "--room-prefix {p:?}: use at most 64 of [A-Za-z0-9_.:@-]"
         )))
     }
 }
@@ -284,6 +298,12 @@ fn load_cfg(a: &FanoutArgs) -> Result<LoadCfg, UsageError> {
     count("size", a.size, payload::MIN_SIZE, payload::MAX_SIZE)?;
     count("sources", a.sources, 1, 254)?;
     check_prefix(&a.room_prefix)?;
+    check_pids("redis-pid", &a.redis_pids)?;
+    if a.check_seq && a.common.protocol != Protocol::Json {
+        return Err(UsageError(
+            "--check-seq needs --protocol json: only roomcast's JSON msg frames carry a seq".into(),
+        ));
+    }
     if a.rooms > a.publishers {
         eprintln!(
             "note: {} rooms but only {} publishers: rooms {}.. get no messages",
@@ -301,7 +321,9 @@ fn load_cfg(a: &FanoutArgs) -> Result<LoadCfg, UsageError> {
         connect_concurrency: a.common.connect_concurrency,
         connect_timeout: secs("connect-timeout", a.common.connect_timeout, false)?,
         server_pids: a.common.server_pids.clone(),
+        redis_pids: a.redis_pids.clone(),
         sources: a.sources,
+        check_seq: a.check_seq,
     })
 }
 
@@ -520,6 +542,8 @@ mod tests {
             "r",
             "--server-pid",
             &std::process::id().to_string(),
+            "--redis-pid",
+            &std::process::id().to_string(),
             "--threads",
             "2",
             "--connect-concurrency",
@@ -529,8 +553,22 @@ mod tests {
         .unwrap();
         let Job::Fanout(cfg, _) = job else { panic!() };
         assert_eq!(cfg.targets.len(), 2);
+        assert_eq!(cfg.redis_pids, [std::process::id()]);
         assert_eq!(cfg.protocol, Protocol::Plain);
         assert_eq!(cfg.room_name(1), "r1");
+
+        // A history namespace's prefix (server config `[[namespaces]] prefix = "h."`).
+        for prefix in ["h.", "live:"] {
+            let (job, _) = parse(&["fanout", "--room-prefix", prefix]).ok().unwrap();
+            let Job::Fanout(cfg, _) = job else { panic!() };
+            assert_eq!(cfg.room_name(3), format!("{prefix}3"));
+            assert!(!cfg.check_seq);
+        }
+        let (job, _) = parse(&["ramp", "--room-prefix", "h.", "--check-seq"])
+            .ok()
+            .unwrap();
+        let Job::Ramp(cfg, _) = job else { panic!() };
+        assert!(cfg.check_seq);
 
         let (job, _) = parse(&[
             "ramp",
@@ -581,6 +619,9 @@ mod tests {
         assert!(parse(&["fanout", "--size", "10"]).is_err());
         assert!(parse(&["fanout", "--rate", "0"]).is_err());
         assert!(parse(&["fanout", "--room-prefix", "a&b="]).is_err());
+        assert!(parse(&["fanout", "--check-seq", "--protocol", "raw"]).is_err());
+        assert!(parse(&["fanout", "--redis-pid", "4000000000"]).is_err());
+        assert!(parse(&["fanout", "--check-seq", "--protocol", "plain"]).is_err());
         assert!(parse(&["idle", "--connections", "200001"]).is_err());
         assert!(parse(&["ramp", "--step", "1"]).is_err());
         assert!(parse(&["ramp", "--max-steps", "100"]).is_err());

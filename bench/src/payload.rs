@@ -160,6 +160,136 @@ pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     None
 }
 
+/// The history fields of a `msg` frame (rooms of a namespace with history on
+/// carry `"seq":<u64>` and `"epoch":"<string>"`; other rooms neither).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryFields<'a> {
+    /// No `"seq"` key: a room without history.
+    None,
+    /// `epoch` is the epoch string's raw bytes, empty if the frame has none.
+    Seq { seq: u64, epoch: &'a [u8] },
+    /// A `"seq"` key whose value is not a u64.
+    Bad,
+}
+
+const SEQ_KEY: &[u8] = b"\"seq\":";
+const EPOCH_KEY: &[u8] = b"\"epoch\":\"";
+/// Where `epoch` is when it follows `seq` directly.
+const NEXT_EPOCH: &[u8] = b",\"epoch\":\"";
+
+/// Finds `seq` and `epoch` in a JSON `msg` frame without parsing it.
+///
+/// `skip` is the byte range of the bench payload (the `data` string's
+/// contents: only digits, `:` and `x`, so no key can be in it), which is left
+/// out of the search; pass an empty range to search everything. Key order is
+/// not assumed. The search looks for the key's rarest byte (`q` of `"seq":`,
+/// which no other part of a bench frame has) eight bytes at a time, after the
+/// payload first (the short tail where a server that appends the history
+/// fields puts them), then before it; so a frame without a seq costs one
+/// word-at-a-time scan of its ~80 bytes outside the payload. The epoch is
+/// looked for right after the seq's value first, then anywhere.
+#[inline]
+pub fn history_fields(frame: &str, skip: std::ops::Range<usize>) -> HistoryFields<'_> {
+    let b = frame.as_bytes();
+    let Some(at) = find_outside(b, SEQ_KEY, 3, &skip) else {
+        return HistoryFields::None;
+    };
+    let mut i = at + SEQ_KEY.len();
+    while b.get(i) == Some(&b' ') {
+        i += 1;
+    }
+    let begin = i;
+    let mut seq: u64 = 0;
+    while let Some(&c) = b.get(i).filter(|c| c.is_ascii_digit()) {
+        let Some(v) = seq
+            .checked_mul(10)
+            .and_then(|v| v.checked_add(u64::from(c - b'0')))
+        else {
+            return HistoryFields::Bad;
+        };
+        seq = v;
+        i += 1;
+    }
+    if i == begin {
+        return HistoryFields::Bad;
+    }
+    let value_at = if b[i..].starts_with(NEXT_EPOCH) {
+        Some(i + NEXT_EPOCH.len())
+    } else {
+        find_outside(b, EPOCH_KEY, 3, &skip).map(|e| e + EPOCH_KEY.len())
+    };
+    let epoch = match value_at {
+        Some(v) => match find_byte(&b[v..], b'"') {
+            Some(n) => &b[v..v + n],
+            None => return HistoryFields::Bad,
+        },
+        None => &[],
+    };
+    HistoryFields::Seq { seq, epoch }
+}
+
+/// [`find_anchored`] in `hay` outside `skip` (a range no match can overlap),
+/// the part after `skip` first. An empty or out-of-bounds `skip` searches all.
+#[inline]
+fn find_outside(
+    hay: &[u8],
+    needle: &[u8],
+    anchor: usize,
+    skip: &std::ops::Range<usize>,
+) -> Option<usize> {
+    if skip.start >= skip.end || skip.end > hay.len() {
+        return find_anchored(hay, needle, anchor);
+    }
+    find_anchored(&hay[skip.end..], needle, anchor)
+        .map(|p| p + skip.end)
+        .or_else(|| find_anchored(&hay[..skip.start], needle, anchor))
+}
+
+/// Finds `needle` in `hay` by looking for its byte at `anchor` (pick one that
+/// is rare in the haystack) with [`find_byte`], then comparing the whole
+/// needle there.
+#[inline]
+fn find_anchored(hay: &[u8], needle: &[u8], anchor: usize) -> Option<usize> {
+    let a = needle[anchor];
+    let mut from = 0usize;
+    while let Some(p) = find_byte(&hay[from..], a) {
+        let p = from + p;
+        if p >= anchor && hay.get(p - anchor..p - anchor + needle.len()) == Some(needle) {
+            return Some(p - anchor);
+        }
+        from = p + 1;
+    }
+    None
+}
+
+/// The first `b` in `hay`, eight bytes at a time (SWAR: a byte of
+/// `word ^ b*0x01..01` is zero exactly where `b` is; the lowest flagged byte
+/// of the classic zero-byte test is always a true zero).
+#[inline]
+fn find_byte(hay: &[u8], b: u8) -> Option<usize> {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    let pat = LO * u64::from(b);
+    let mut chunks = hay.chunks_exact(8);
+    let mut base = 0usize;
+    for c in &mut chunks {
+        let Ok(word) = <[u8; 8]>::try_from(c) else {
+            unreachable!("chunks_exact(8) yields 8 bytes")
+        };
+        let x = u64::from_le_bytes(word) ^ pat;
+        let m = x.wrapping_sub(LO) & !x & HI;
+        if m != 0 {
+            return Some(base + (m.trailing_zeros() / 8) as usize);
+        }
+        base += 8;
+    }
+    chunks
+        .remainder()
+        .iter()
+        .position(|&c| c == b)
+        .map(|p| base + p)
+}
+
 /// What a server frame in JSON mode turned out to be.
 #[derive(Debug, PartialEq, Eq)]
 pub enum JsonFrame<'a> {
@@ -177,10 +307,12 @@ const DATA_KEY: &[u8] = b"\"data\":\"";
 
 /// Classifies a JSON-mode server frame. The common case (`{"op":"msg",...`)
 /// never touches a JSON parser; anything else is parsed properly (rare).
+/// `"data":"` is found by its `d` (which nothing before it in a bench frame
+/// has), eight bytes at a time: a plain first-byte scan stops at every `"`.
 pub fn classify_json(text: &str) -> JsonFrame<'_> {
     let b = text.as_bytes();
     if b.starts_with(MSG_PREFIX) {
-        return match find(b, DATA_KEY) {
+        return match find_anchored(b, DATA_KEY, 1) {
             Some(at) => JsonFrame::Msg(&b[at + DATA_KEY.len()..]),
             None => JsonFrame::Other,
         };
@@ -326,6 +458,128 @@ mod tests {
         assert_eq!(find(b"", b"a"), None);
         assert_eq!(find(b"aaa", b""), None);
         assert_eq!(find(b"a", b"a"), Some(0));
+    }
+
+    /// A history room's `msg` frame as the server sends it, and the byte
+    /// range of its payload.
+    fn hist_frame(order: &str, data: &str) -> (String, std::ops::Range<usize>) {
+        let f = match order {
+            "after" => format!(
+                r#"{{"op":"msg","room":"h.3","event":"bench","from":"n1-2","ts":1764770000000,"data":"{data}","seq":1042,"epoch":"1764770000123456"}}"#
+            ),
+            "before" => format!(
+                r#"{{"op":"msg","seq":1042,"epoch":"1764770000123456","room":"h.3","event":"bench","from":"n1-2","ts":1,"data":"{data}"}}"#
+            ),
+            "apart" => format!(
+                r#"{{"epoch":"1764770000123456","op":"msg","room":"h.3","data":"{data}","from":"n1-2","seq": 1042}}"#
+            ),
+            _ => unreachable!(),
+        };
+        let start = f.find(data).unwrap();
+        (f.clone(), start..start + data.len())
+    }
+
+    #[test]
+    fn history_fields_in_any_order() {
+        let data = "7:42:123456789:xxxxxxxxxxxxxxxxxxxx";
+        for order in ["after", "before", "apart"] {
+            let (f, skip) = hist_frame(order, data);
+            let want = HistoryFields::Seq {
+                seq: 1042,
+                epoch: b"1764770000123456",
+            };
+            assert_eq!(history_fields(&f, skip), want, "{order}: {f}");
+            // Without knowing where the payload is: the same.
+            assert_eq!(history_fields(&f, 0..0), want, "{order}: {f}");
+            // The payload is still found as before.
+            match classify_json(&f) {
+                JsonFrame::Msg(p) => assert_eq!(parse_header(p).unwrap().seq, 42),
+                other => panic!("{order}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn history_fields_absent_or_bad() {
+        // Today's frames (no history): nothing.
+        let plain =
+            r#"{"op":"msg","room":"bench-3","event":"bench","from":"c1","ts":1,"data":"1:2:3:xx"}"#;
+        assert_eq!(history_fields(plain, 0..0), HistoryFields::None);
+        assert_eq!(history_fields("", 0..0), HistoryFields::None);
+        // Look-alikes of the key are not the key.
+        for f in [
+            r#"{"op":"msg","event":"seq","data":"1:2:3:x"}"#,
+            r#"{"op":"msg","xseq":5,"q":"q","data":"1:2:3:x"}"#,
+            r#"{"op":"msg","seq_no":5,"data":"1:2:3:x"}"#,
+        ] {
+            assert_eq!(history_fields(f, 0..0), HistoryFields::None, "{f}");
+        }
+        // A seq without an epoch: an empty epoch.
+        assert_eq!(
+            history_fields(r#"{"op":"msg","data":"1:2:3:x","seq":7}"#, 0..0),
+            HistoryFields::Seq { seq: 7, epoch: b"" }
+        );
+        for f in [
+            r#"{"op":"msg","seq":"7","data":"1:2:3:x"}"#,
+            r#"{"op":"msg","seq":-1,"data":"1:2:3:x"}"#,
+            r#"{"op":"msg","seq":99999999999999999999999,"data":"1:2:3:x"}"#,
+            r#"{"op":"msg","seq":"#,
+            r#"{"op":"msg","seq":1,"epoch":"unterminated"#,
+        ] {
+            assert_eq!(history_fields(f, 0..0), HistoryFields::Bad, "{f}");
+        }
+        // A skip range that is out of bounds or inverted searches everything.
+        let (f, _) = hist_frame("after", "1:2:3:x");
+        let want = HistoryFields::Seq {
+            seq: 1042,
+            epoch: b"1764770000123456",
+        };
+        assert_eq!(history_fields(&f, 5..1000), want);
+        #[allow(clippy::reversed_empty_ranges)]
+        let inverted = 20..10;
+        assert_eq!(history_fields(&f, inverted), want);
+    }
+
+    #[test]
+    fn find_anchored_works() {
+        assert_eq!(find_anchored(b"xx\"seq\":1", SEQ_KEY, 3), Some(2));
+        assert_eq!(find_anchored(b"q\"seq\":1", SEQ_KEY, 3), Some(1));
+        assert_eq!(find_anchored(b"\"seq\"", SEQ_KEY, 3), None);
+        assert_eq!(find_anchored("é\"seq\":".as_bytes(), SEQ_KEY, 3), Some(2));
+        assert_eq!(find_anchored(b"", SEQ_KEY, 3), None);
+        let hay = b"ab\"seq\":cd\"seq\":";
+        assert_eq!(find_outside(hay, SEQ_KEY, 3, &(2..8)), Some(10));
+        // The part after the skipped range is searched first.
+        assert_eq!(find_outside(hay, SEQ_KEY, 3, &(8..9)), Some(10));
+        assert_eq!(find_outside(b"ab\"seq\":cd", SEQ_KEY, 3, &(2..8)), None);
+        assert_eq!(find_outside(hay, SEQ_KEY, 3, &(0..0)), Some(2));
+        assert_eq!(find_outside(hay, SEQ_KEY, 3, &(5..100)), Some(2));
+    }
+
+    #[test]
+    fn find_byte_matches_a_plain_scan() {
+        // Every length around the 8-byte words, every position, and bytes
+        // whose neighbours trip the zero-byte test's borrow (0x00, 0x01, 0x80, 0xff).
+        for len in 0..40usize {
+            for at in 0..=len {
+                for (fill, b) in [(b'x', b'q'), (0u8, 1u8), (0x80, 0x81), (0xff, 0x00), (1, 0)] {
+                    let mut hay = vec![fill; len];
+                    if at < len {
+                        hay[at] = b;
+                        // A second one later must not win.
+                        if at + 3 < len {
+                            hay[at + 3] = b;
+                        }
+                    }
+                    let want = hay.iter().position(|&c| c == b);
+                    assert_eq!(
+                        find_byte(&hay, b),
+                        want,
+                        "len {len} at {at} fill {fill} b {b}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

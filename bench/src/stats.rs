@@ -107,6 +107,115 @@ impl SeqTrack {
     }
 }
 
+/// What one `msg` frame's server `seq` (history rooms) was, compared with the
+/// last one the same connection saw in the same room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeqStep {
+    /// The first seq seen (any value: a subscriber joins mid-stream).
+    First,
+    /// Exactly the last seq + 1.
+    Next,
+    /// Higher than last + 1: this many sequence numbers never arrived.
+    Gap(u64),
+    /// Not higher than the last one, in the same epoch.
+    Duplicate,
+    /// Another epoch than the last frame's: the room's history was lost and
+    /// its seqs started over. Not a gap nor a duplicate, whatever the seq.
+    EpochChange,
+    /// A `msg` frame without a seq on a connection that had seen one (never
+    /// returned by [`RoomSeq::observe`]; the caller notices the absence).
+    Missing,
+}
+
+/// The last server seq and epoch one connection saw in one room. The bench
+/// joins one room per connection, so every subscriber has exactly one.
+/// Touched only for frames that carry a `"seq"`; rooms without history cost
+/// nothing here.
+#[derive(Debug, Clone, Default)]
+pub struct RoomSeq {
+    /// Highest seq seen in the current epoch; None before the first.
+    last: Option<u64>,
+    /// The current epoch as the server wrote it (empty if frames have none).
+    epoch: Vec<u8>,
+}
+
+impl RoomSeq {
+    #[inline]
+    pub fn observe(&mut self, seq: u64, epoch: &[u8]) -> SeqStep {
+        let Some(last) = self.last else {
+            self.last = Some(seq);
+            self.epoch.clear();
+            self.epoch.extend_from_slice(epoch);
+            return SeqStep::First;
+        };
+        if epoch != self.epoch.as_slice() {
+            // Rare: the only allocation, once per epoch change.
+            self.epoch.clear();
+            self.epoch.extend_from_slice(epoch);
+            self.last = Some(seq);
+            return SeqStep::EpochChange;
+        }
+        if seq <= last {
+            return SeqStep::Duplicate;
+        }
+        self.last = Some(seq);
+        match seq - last - 1 {
+            0 => SeqStep::Next,
+            missing => SeqStep::Gap(missing),
+        }
+    }
+
+    /// True once any frame with a seq was seen.
+    pub fn seen(&self) -> bool {
+        self.last.is_some()
+    }
+}
+
+/// Server-seq counters (history rooms): per window, or since connect.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct SeqCounts {
+    /// `msg` frames that carried a seq.
+    pub frames: u64,
+    /// Sequence numbers skipped (the sum of every jump's missing messages).
+    pub gaps: u64,
+    /// Frames whose seq was not above the last one in the same epoch.
+    pub duplicates: u64,
+    pub epoch_changes: u64,
+    /// `msg` frames without a seq on a connection that had seen one.
+    pub missing: u64,
+}
+
+impl SeqCounts {
+    #[inline]
+    pub fn add_step(&mut self, s: SeqStep) {
+        match s {
+            SeqStep::Missing => {
+                self.missing += 1;
+                return;
+            }
+            SeqStep::First | SeqStep::Next => {}
+            SeqStep::Gap(n) => self.gaps += n,
+            SeqStep::Duplicate => self.duplicates += 1,
+            SeqStep::EpochChange => self.epoch_changes += 1,
+        }
+        self.frames += 1;
+    }
+
+    pub fn merge(&mut self, o: &SeqCounts) {
+        self.frames += o.frames;
+        self.gaps += o.gaps;
+        self.duplicates += o.duplicates;
+        self.epoch_changes += o.epoch_changes;
+        self.missing += o.missing;
+    }
+
+    /// Gaps, duplicates or frames without a seq: messages went missing or
+    /// came twice in a history room. (Epoch changes are not counted here.)
+    pub fn broken(&self) -> bool {
+        self.gaps > 0 || self.duplicates > 0 || self.missing > 0
+    }
+}
+
 /// Counters for one subscriber in one measured window.
 #[derive(Debug, Default)]
 pub struct WinStats {
@@ -114,6 +223,8 @@ pub struct WinStats {
     pub received: u64,
     pub duplicates: u64,
     pub reordered: u64,
+    /// Server seqs of the window's messages (history rooms only).
+    pub seq: SeqCounts,
     /// Latency in microseconds; created on first sample (auto-resizing).
     pub hist: Option<Histogram<u64>>,
 }
@@ -161,6 +272,11 @@ pub struct Accounting {
     /// Subscribers that did not report for this window (task gone/stuck).
     pub unreported_subscribers: u64,
     pub hist: Option<Histogram<u64>>,
+    /// Server seqs of the window's messages, all subscribers.
+    pub seq: SeqCounts,
+    /// Server seqs since the subscribers connected (warm-up, every window
+    /// so far, drains), all subscribers that reported.
+    pub seq_since_connect: SeqCounts,
 }
 
 impl Accounting {
@@ -181,6 +297,7 @@ impl Accounting {
         // could not recognise (e.g. very old reorders): report them as such.
         self.duplicates += w.duplicates + w.received.saturating_sub(expected);
         self.reordered += w.reordered;
+        self.seq.merge(&w.seq);
         if let Some(h) = w.hist {
             match &mut self.hist {
                 None => self.hist = Some(h),
@@ -238,6 +355,155 @@ pub fn round3(v: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn steps(r: &mut RoomSeq, c: &mut SeqCounts, seqs: &[(u64, &str)]) -> Vec<SeqStep> {
+        seqs.iter()
+            .map(|&(s, e)| {
+                let st = r.observe(s, e.as_bytes());
+                c.add_step(st);
+                st
+            })
+            .collect()
+    }
+
+    #[test]
+    fn room_seq_in_order() {
+        let (mut r, mut c) = (RoomSeq::default(), SeqCounts::default());
+        assert!(!r.seen());
+        // A subscriber joins mid-stream: the first seq can be anything.
+        let got = steps(&mut r, &mut c, &[(1042, "e1"), (1043, "e1"), (1044, "e1")]);
+        assert_eq!(got, [SeqStep::First, SeqStep::Next, SeqStep::Next]);
+        assert!(r.seen());
+        assert_eq!(
+            c,
+            SeqCounts {
+                frames: 3,
+                ..Default::default()
+            }
+        );
+        assert!(!c.broken());
+    }
+
+    #[test]
+    fn room_seq_gaps_count_missing_messages() {
+        let (mut r, mut c) = (RoomSeq::default(), SeqCounts::default());
+        let got = steps(
+            &mut r,
+            &mut c,
+            &[(1, "e"), (2, "e"), (5, "e"), (6, "e"), (7, "e"), (100, "e")],
+        );
+        assert_eq!(
+            got,
+            [
+                SeqStep::First,
+                SeqStep::Next,
+                SeqStep::Gap(2),
+                SeqStep::Next,
+                SeqStep::Next,
+                SeqStep::Gap(92)
+            ]
+        );
+        assert_eq!(
+            (c.frames, c.gaps, c.duplicates, c.epoch_changes),
+            (6, 94, 0, 0)
+        );
+        assert!(c.broken());
+    }
+
+    #[test]
+    fn room_seq_duplicates_and_going_back() {
+        let (mut r, mut c) = (RoomSeq::default(), SeqCounts::default());
+        let got = steps(
+            &mut r,
+            &mut c,
+            &[(10, "e"), (11, "e"), (11, "e"), (9, "e"), (12, "e")],
+        );
+        assert_eq!(
+            got,
+            [
+                SeqStep::First,
+                SeqStep::Next,
+                SeqStep::Duplicate,
+                SeqStep::Duplicate,
+                // A duplicate does not move `last`: 12 follows 11.
+                SeqStep::Next
+            ]
+        );
+        assert_eq!(
+            (c.frames, c.gaps, c.duplicates, c.epoch_changes),
+            (5, 0, 2, 0)
+        );
+        assert!(c.broken());
+        // The very first seq can be 0, and 0 again is a duplicate.
+        let mut r = RoomSeq::default();
+        assert_eq!(r.observe(0, b""), SeqStep::First);
+        assert_eq!(r.observe(0, b""), SeqStep::Duplicate);
+        assert_eq!(r.observe(1, b""), SeqStep::Next);
+    }
+
+    #[test]
+    fn room_seq_epoch_change_starts_over() {
+        let (mut r, mut c) = (RoomSeq::default(), SeqCounts::default());
+        let got = steps(
+            &mut r,
+            &mut c,
+            &[
+                (500, "1764770000123456"),
+                (501, "1764770000123456"),
+                // History lost: seqs restart in a new epoch, neither dup nor gap.
+                (1, "1764770099000000"),
+                (2, "1764770099000000"),
+                // A jump in a new epoch is a gap like any other.
+                (4, "1764770099000000"),
+                // Back to an old epoch is a change too, even with a higher seq.
+                (502, "1764770000123456"),
+            ],
+        );
+        assert_eq!(
+            got,
+            [
+                SeqStep::First,
+                SeqStep::Next,
+                SeqStep::EpochChange,
+                SeqStep::Next,
+                SeqStep::Gap(1),
+                SeqStep::EpochChange
+            ]
+        );
+        assert_eq!(
+            (c.frames, c.gaps, c.duplicates, c.epoch_changes),
+            (6, 1, 0, 2)
+        );
+        // An epoch change alone is not a broken stream.
+        let mut only = SeqCounts::default();
+        only.add_step(SeqStep::EpochChange);
+        assert!(!only.broken());
+    }
+
+    #[test]
+    fn seq_counts_merge_into_accounting() {
+        let mut a = Accounting::new(&[10]);
+        for jump in [SeqStep::Next, SeqStep::Gap(3)] {
+            let mut w = WinStats::default();
+            w.seq.add_step(SeqStep::Next);
+            w.seq.add_step(jump);
+            w.seq.add_step(SeqStep::Missing);
+            a.add_subscriber(10, w);
+        }
+        assert_eq!(
+            a.seq,
+            SeqCounts {
+                frames: 4,
+                gaps: 3,
+                missing: 2,
+                ..Default::default()
+            }
+        );
+        let mut total = SeqCounts::default();
+        total.merge(&a.seq);
+        total.merge(&a.seq);
+        assert_eq!((total.frames, total.gaps), (8, 6));
+    }
 
     #[test]
     fn seq_in_order_and_gaps() {
