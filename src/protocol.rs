@@ -865,6 +865,78 @@ mod tests {
     }
 
     #[test]
+    fn a_stamped_envelope_leads_with_seq_and_epoch_and_is_read_back() {
+        let plain = json_envelope("e", conn_sender("c1"), RawValue::NULL);
+        let stamped = stamp_envelope(&plain, 42, "1764120000123456");
+        assert!(stamped.starts_with(br#"{"seq":42,"epoch":"1764120000123456","event":"e""#));
+        assert_eq!(peek_stamp(&stamped), Some((42, "1764120000123456")));
+        assert_eq!(peek_stamp(&plain), None);
+        assert_eq!(
+            &stamp_envelope(b"{ }", 1, "e")[..],
+            br#"{"seq":1,"epoch":"e"}"#
+        );
+        // The node's frame carries them; its stamp compares epochs by key.
+        let out = Outgoing::from_envelope(Target::Room("h:1"), &stamped).unwrap();
+        let msg: serde_json::Value = serde_json::from_str(payload(&out.json)).unwrap();
+        assert_eq!(
+            (msg["seq"].as_u64(), msg["epoch"].as_str()),
+            (Some(42), Some("1764120000123456"))
+        );
+        assert_eq!(
+            out.stamp,
+            Some(Stamp {
+                seq: 42,
+                epoch: epoch_key("1764120000123456")
+            })
+        );
+        assert_ne!(epoch_key("a"), epoch_key("b"));
+    }
+
+    #[test]
+    fn join_takes_since_or_history_and_the_url_takes_since() {
+        let (_, r) =
+            parse_request(r#"{"op":"join","room":"h:1","since":{"seq":5,"epoch":"e"}}"#).unwrap();
+        let since = Since {
+            seq: 5,
+            epoch: "e".into(),
+        };
+        assert!(matches!(r, Request::Join { replay: Replay::Since(ref s), .. } if *s == since));
+        let (_, r) = parse_request(r#"{"op":"join","room":"h:1","history":20}"#).unwrap();
+        assert!(matches!(
+            r,
+            Request::Join {
+                replay: Replay::Last(20),
+                ..
+            }
+        ));
+        let both = r#"{"op":"join","room":"h:1","since":{"seq":5,"epoch":"e"},"history":2}"#;
+        assert_eq!(parse_request(both).unwrap_err().code, ErrorCode::BadFrame);
+        let bad = r#"{"op":"join","room":"h:1","since":{"seq":-1,"epoch":"e"}}"#;
+        assert_eq!(parse_request(bad).unwrap_err().code, ErrorCode::BadFrame);
+        // `since=<room>:<seq>:<epoch>`: the room may hold colons; it is joined too.
+        let q = parse_ws_query("room=a&since=live:h:1:41:e9", 4).unwrap();
+        assert_eq!(q.rooms, ["a", "live:h:1"]);
+        assert_eq!(
+            q.since,
+            [(
+                "live:h:1".to_string(),
+                Since {
+                    seq: 41,
+                    epoch: "e9".into()
+                }
+            )]
+        );
+        for bad in [
+            "since=r1:x:e",
+            "since=r1:5:",
+            "since=5:e",
+            "since=bad room:5:e",
+        ] {
+            assert!(parse_ws_query(bad, 4).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn room_names() {
         assert!(valid_room("lobby"));
         assert!(valid_room("a.b:c@d_e-f"));

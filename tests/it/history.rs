@@ -325,3 +325,76 @@ async fn a_since_that_history_cannot_serve_is_answered_not_recovered_and_replays
         other => panic!("a since for a room without history must be refused: {other:?}"),
     }
 }
+
+/// A backend that publishes straight into Redis calls the shipped script
+/// (the one the nodes run): the message gets the room's next seq, is
+/// delivered, and is in history like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_publishes_into_a_history_room_with_the_shipped_script() {
+    let redis = Redis::start().await;
+    let node = Node::ready(history_config(&redis, "a")).await;
+    let (mut viewer, _) = Client::json(&node, &["h:shop"]).await;
+    let epoch = join_ack(&mut viewer).await["epoch"]
+        .as_str()
+        .expect("epoch")
+        .to_owned();
+    let script = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/redis/history-publish.lua"
+    ))
+    .expect("read the script");
+    let sha: String = redis.cmd(&["SCRIPT", "LOAD", &script]).await;
+    let (seq, script_epoch, receivers): (u64, String, i64) = redis
+        .cmd(&[
+            "EVALSHA",
+            &sha,
+            "2",
+            "{roomcast:room:h:shop}:meta",
+            "{roomcast:room:h:shop}:hist",
+            "roomcast:room:h:shop",
+            r#"{"event":"gift","from":"shop","data":{"gift":"rocket"}}"#,
+            "100",
+            "300000",
+        ])
+        .await;
+    assert_eq!(
+        (seq, script_epoch.as_str(), receivers),
+        (1, epoch.as_str(), 1)
+    );
+    let got = msgs_until(&mut viewer, 1).await;
+    assert_eq!(
+        (
+            got[0]["event"].as_str(),
+            got[0]["from"].as_str(),
+            got[0]["data"]["gift"].as_str()
+        ),
+        (Some("gift"), Some("shop"), Some("rocket"))
+    );
+    // The API takes the next seq; a recovering client gets both.
+    assert_eq!(publish(&node, "h:shop", json!("api")).await, 2);
+    let (mut back, _) = Client::json(&node, &[]).await;
+    let join = json!({"op": "join", "room": "h:shop", "since": {"seq": 0, "epoch": epoch}});
+    let (ack, _) = back.request(join, 1).await;
+    assert_eq!(ack["recovered"], true, "{ack}");
+    let replay = msgs_until(&mut back, 2).await;
+    assert_eq!(
+        (replay[0]["event"].as_str(), replay[1]["data"].as_str()),
+        (Some("gift"), Some("api"))
+    );
+    // Anything but a JSON object is refused by the script itself.
+    let err = redis
+        .try_cmd::<redis::Value>(&[
+            "EVALSHA",
+            &sha,
+            "2",
+            "{roomcast:room:h:shop}:meta",
+            "{roomcast:room:h:shop}:hist",
+            "roomcast:room:h:shop",
+            "not json",
+            "100",
+            "300000",
+        ])
+        .await
+        .expect_err("a non-object envelope");
+    assert!(err.to_string().contains("must be a JSON object"), "{err}");
+}

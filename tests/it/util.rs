@@ -155,6 +155,11 @@ impl Redis {
 
     /// Run one command on a fresh connection.
     pub async fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
+        self.try_cmd(args).await.expect("redis command")
+    }
+
+    /// [`Redis::cmd`], answering Redis's error instead of failing on it.
+    pub async fn try_cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> redis::RedisResult<T> {
         let client = redis::Client::open(self.url()).expect("redis url");
         let mut conn = client
             .get_multiplexed_async_connection()
@@ -164,7 +169,7 @@ impl Redis {
         for a in &args[1..] {
             cmd.arg(*a);
         }
-        cmd.query_async(&mut conn).await.expect("redis command")
+        cmd.query_async(&mut conn).await
     }
 
     /// Subscribers of one room's channel, across all nodes.

@@ -10,10 +10,11 @@
 //! braces hashes by its whole name, so channel, counter and history share
 //! one Redis Cluster slot.
 //!
-//! [`PUBLISH`] stamps, stores and publishes one message atomically: the
-//! order of the history is the order every subscriber receives. Backends
-//! that publish straight into Redis call it the same way (docs/protocol.md,
-//! "Publishing into a history room from Redis"). [`READ`] answers a room's
+//! [`PUBLISH`] (`deploy/redis/history-publish.lua`) stamps, stores and
+//! publishes one message atomically: the order of the history is the order
+//! every subscriber receives. Backends that publish straight into Redis
+//! call the same file (docs/protocol.md, "Publishing into a history room
+//! from Redis"). [`READ`] answers a room's
 //! epoch, last seq, oldest kept seq and the entries asked for.
 //!
 //! Both are sent with EVALSHA: they are loaded (`SCRIPT LOAD`) on every new
@@ -31,35 +32,10 @@ use redis::Value;
 use crate::bus::{Page, Pick};
 use crate::namespace::History;
 
-/// KEYS: meta, hist. ARGV: channel, envelope (a JSON object), size, ttl in ms.
-/// Returns {seq, epoch, receivers}.
-pub const PUBLISH: &str = r#"
-local env = ARGV[2]
-if string.sub(env, 1, 1) ~= '{' then
-  return redis.error_reply('ERR roomcast: the envelope must be a JSON object')
-end
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
-  local t = redis.call('TIME')
-  epoch = t[1] .. string.format('%06d', tonumber(t[2]))
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0)
-  redis.call('DEL', KEYS[2])
-end
-local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-local head = '{"seq":' .. seq .. ',"epoch":"' .. epoch .. '"'
-local rest = string.sub(env, 2)
-if string.match(rest, '^%s*}%s*$') then
-  env = head .. '}'
-else
-  env = head .. ',' .. rest
-end
-redis.call('ZADD', KEYS[2], seq, env)
-redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[3]) + 1))
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-local receivers = redis.call('PUBLISH', ARGV[1], env)
-return {seq, epoch, receivers}
-"#;
+/// Stamp, store and publish: `deploy/redis/history-publish.lua`, the
+/// contract for backends too. KEYS: meta, hist. ARGV: channel, envelope (a
+/// JSON object), size, ttl in ms. Returns {seq, epoch, receivers}.
+pub const PUBLISH: &str = include_str!("../../../deploy/redis/history-publish.lua");
 
 /// KEYS: meta, hist. ARGV: "after" or "last", a seq or a count, and the ttl
 /// in ms with which to start the room's epoch if it has none (0: don't).
