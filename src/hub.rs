@@ -483,3 +483,127 @@ impl Keyed for Arc<Peer> {
         self.seq
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::AsyncReadExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+    use crate::protocol::{self, epoch_key, Sender};
+
+    /// A peer on a real loopback socket, and the client's end of it.
+    async fn peer(seq: u64) -> (Arc<Peer>, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let peer = Peer::new(
+            Arc::from(format!("p{seq}")),
+            seq,
+            Format::Json,
+            server,
+            1 << 20,
+            0,
+        );
+        (Arc::new(peer), client)
+    }
+
+    /// The envelope of message `seq` in epoch "e1", as Redis stamps it.
+    fn stamped(seq: u64) -> Bytes {
+        let plain = protocol::json_envelope(
+            "n",
+            Sender::default(),
+            &serde_json::value::to_raw_value(&seq).unwrap(),
+        );
+        protocol::stamp_envelope(&plain, seq, "e1")
+    }
+
+    /// What the client received until it has been quiet for a moment: each
+    /// frame's `op` and `seq`.
+    async fn received(client: &mut TcpStream) -> Vec<(String, Option<u64>)> {
+        let mut bytes = Vec::new();
+        let mut buf = [0u8; 65536];
+        while let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(200), client.read(&mut buf)).await
+        {
+            if n == 0 {
+                break;
+            }
+            bytes.extend_from_slice(&buf[..n]);
+        }
+        let mut out = Vec::new();
+        let mut rest = &bytes[..];
+        while let Some((_, payload)) = crate::ws::split_server_frame(rest) {
+            let v: serde_json::Value = serde_json::from_slice(payload).unwrap();
+            out.push((v["op"].as_str().unwrap().to_owned(), v["seq"].as_u64()));
+            let header = if payload.len() < 126 { 2 } else { 4 };
+            rest = &rest[header + payload.len()..];
+        }
+        out
+    }
+
+    /// The seam of a held join: what arrives while the replay is read is
+    /// kept and de-duplicated against it, and what the node delivers later
+    /// up to the client's position (still in flight on the bus) is skipped
+    /// for it — while a member that was there all along gets everything once.
+    #[tokio::test]
+    async fn a_held_join_gets_the_replay_then_live_without_gap_or_duplicate() {
+        let metrics = Arc::new(Metrics::new(prometheus::Registry::new()).unwrap());
+        let (hub, mut subs) = Hub::new(metrics);
+        let topic = Topic::room("h:1");
+        let (member, mut member_client) = peer(1).await;
+        let (joiner, mut joiner_client) = peer(2).await;
+        hub.join(&topic, &member);
+        assert!(matches!(subs.try_recv(), Ok(SubCmd::Subscribe(_))));
+        let deliver = |seqs: &[u64]| {
+            let payloads: Vec<Bytes> = seqs.iter().map(|&s| stamped(s)).collect();
+            let batch: Vec<(&str, &[u8])> =
+                payloads.iter().map(|p| (topic.key(), &p[..])).collect();
+            hub.deliver_batch(&batch);
+        };
+        deliver(&[4]);
+        hub.hold(&topic, &joiner);
+        // Arrives while the joiner's history read (since 2, top 7) is in flight.
+        deliver(&[5, 6]);
+        let replay: Vec<Outgoing> = (3..=7)
+            .map(|s| Outgoing::from_envelope(topic.target(), &stamped(s)).unwrap())
+            .collect();
+        let at = Stamp {
+            seq: 7,
+            epoch: epoch_key("e1"),
+        };
+        hub.release(&topic, &joiner, &[protocol::ack_frame(1)], &replay, at);
+        assert!(matches!(subs.try_recv(), Ok(SubCmd::Position(_, p)) if p == at));
+        // 7 was still on its way through the bus; 8 is new.
+        deliver(&[7]);
+        deliver(&[8, 9]);
+        let msg = |s: u64| ("msg".to_string(), Some(s));
+        let mut want = vec![("ack".to_string(), None)];
+        want.extend((3..=9).map(msg));
+        assert_eq!(received(&mut joiner_client).await, want);
+        assert_eq!(
+            received(&mut member_client).await,
+            (4..=9).map(msg).collect::<Vec<_>>()
+        );
+        // The floor is gone once the room passed it.
+        assert!(hub.rooms.read()[&topic].recovery.lock().floors.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_hold_sends_nothing_and_unsubscribes_an_empty_room() {
+        let metrics = Arc::new(Metrics::new(prometheus::Registry::new()).unwrap());
+        let (hub, mut subs) = Hub::new(metrics);
+        let topic = Topic::room("h:2");
+        let (joiner, mut client) = peer(1).await;
+        hub.hold(&topic, &joiner);
+        assert!(matches!(subs.try_recv(), Ok(SubCmd::Subscribe(_))));
+        hub.deliver_batch(&[(topic.key(), &stamped(1)[..])]);
+        hub.abandon(&topic, &joiner);
+        assert!(matches!(subs.try_recv(), Ok(SubCmd::Unsubscribe(_))));
+        assert_eq!(received(&mut client).await, []);
+    }
+}

@@ -236,3 +236,72 @@ pub fn start(
         logs: Mutex::new((HashMap::new(), Instant::now())),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    struct Nowhere;
+    impl Deliver for Nowhere {
+        fn deliver_batch(&self, _: &[(&str, &[u8])]) {}
+    }
+
+    #[tokio::test]
+    async fn history_rooms_number_keep_and_replay_their_messages() {
+        let tracker = TaskTracker::new();
+        let metrics = Arc::new(Metrics::new(prometheus::Registry::new()).unwrap());
+        let (_subs_tx, subs) = mpsc::unbounded_channel();
+        let bus = start(
+            64,
+            Arc::new(Nowhere),
+            subs,
+            metrics,
+            &tracker,
+            CancellationToken::new(),
+        );
+        let rule = History {
+            size: 3,
+            ttl: Duration::from_secs(60),
+        };
+        let room = Topic::room("h:1");
+        let msg = |n: u64, history| Message {
+            topic: room.clone(),
+            envelope: Bytes::from(format!(r#"{{"event":"e","data":{n}}}"#)),
+            history,
+        };
+        let results = bus
+            .publish_batch(&[
+                msg(1, Some(rule)),
+                msg(2, Some(rule)),
+                msg(0, None),
+                msg(3, Some(rule)),
+                msg(4, Some(rule)),
+            ])
+            .await;
+        let seqs: Vec<Option<u64>> = results.into_iter().map(|r| r.unwrap().seq).collect();
+        assert_eq!(seqs, [Some(1), Some(2), None, Some(3), Some(4)]);
+        let page = bus.history(&room, rule, Pick::After(1)).await.unwrap();
+        // Only the last 3 are kept.
+        assert_eq!((page.top, page.oldest), (4, 2));
+        let kept: Vec<u64> = page
+            .entries
+            .iter()
+            .map(|e| protocol::peek_stamp(e).unwrap().0)
+            .collect();
+        assert_eq!(kept, [2, 3, 4]);
+        let last = bus.history(&room, rule, Pick::Last(1)).await.unwrap();
+        assert_eq!(
+            protocol::peek_stamp(&last.entries[0]),
+            Some((4, page.epoch.as_str()))
+        );
+        // A room without messages still has an epoch to start from.
+        let empty = bus
+            .history(&Topic::room("h:2"), rule, Pick::Last(5))
+            .await
+            .unwrap();
+        assert_eq!((empty.top, empty.oldest, empty.entries.len()), (0, 1, 0));
+        assert_ne!(empty.epoch, "");
+    }
+}

@@ -7,7 +7,8 @@ use serde_json::{json, Value};
 
 use crate::util::*;
 
-/// `h:` rooms keep their last 100 messages, `s:` rooms their last 5.
+/// `h:` rooms keep their last 100 messages, `s:` rooms their last 5, `t:`
+/// rooms theirs for a second after the last one.
 pub const HISTORY_TOML: &str = r#"
 [[namespaces]]
 prefix = "h:"
@@ -18,6 +19,10 @@ history = { size = 100, ttl = "5m" }
 [[namespaces]]
 prefix = "s:"
 history = { size = 5, ttl = "5m" }
+
+[[namespaces]]
+prefix = "t:"
+history = { size = 100, ttl = "1s" }
 "#;
 
 /// A node on `redis` with the history namespaces.
@@ -397,4 +402,45 @@ async fn a_backend_publishes_into_a_history_room_with_the_shipped_script() {
         .await
         .expect_err("a non-object envelope");
     assert!(err.to_string().contains("must be a JSON object"), "{err}");
+}
+
+/// The epoch names one unbroken history: when Redis loses it (a flush) or
+/// it expires (`ttl` after the room's last message), the room starts over
+/// with a new epoch and seq 1, and an old `since` is not recovered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_or_expired_history_starts_a_new_epoch() {
+    let redis = Redis::start().await;
+    let node = Node::ready(history_config(&redis, "a")).await;
+    for (room, lose) in [("h:flushed", "flush"), ("t:expired", "expire")] {
+        let (mut viewer, _) = Client::json(&node, &[room]).await;
+        let first = join_ack(&mut viewer).await["epoch"]
+            .as_str()
+            .expect("epoch")
+            .to_owned();
+        assert_eq!(publish(&node, room, json!(1)).await, 1);
+        assert_eq!(publish(&node, room, json!(2)).await, 2);
+        assert_eq!(seqs(&msgs_until(&mut viewer, 2).await), [1, 2]);
+        let meta = format!("{{roomcast:room:{room}}}:meta");
+        match lose {
+            "flush" => redis.cmd::<()>(&["FLUSHALL"]).await,
+            _ => {
+                eventually("the room's history to expire", || async {
+                    redis.cmd::<i64>(&["EXISTS", &meta]).await == 0
+                })
+                .await
+            }
+        }
+        // The same client, still connected, sees the room start over.
+        assert_eq!(publish(&node, room, json!(3)).await, 1, "{lose}");
+        let m = msgs_until(&mut viewer, 1).await;
+        assert_ne!(m[0]["epoch"], first.as_str(), "{lose}: a new epoch");
+        let (mut back, _) = Client::json(&node, &[]).await;
+        let join = json!({"op": "join", "room": room, "since": {"seq": 2, "epoch": first}});
+        let (ack, _) = back.request(join, 1).await;
+        assert_eq!(
+            (ack["recovered"].as_bool(), ack["seq"].as_u64()),
+            (Some(false), Some(1)),
+            "{lose}: {ack}"
+        );
+    }
 }

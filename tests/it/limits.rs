@@ -315,6 +315,18 @@ fn namespace_rules_are_checked_and_errors_name_the_key() {
             "[limits]\nevents = { danmaku = { per_second = 2, burst = 0 } }\n",
             "limits.events.danmaku.burst",
         ),
+        (
+            "[[namespaces]]\nprefix = \"h:\"\nhistory = { size = 0, ttl = \"5m\" }\n",
+            "namespaces[0].history.size",
+        ),
+        (
+            "[[namespaces]]\nprefix = \"h:\"\nhistory = { size = 100, ttl = \"forever\" }\n",
+            "namespaces[0].history.ttl",
+        ),
+        (
+            "[[namespaces]]\nprefix = \"h:\"\nhistory = { size = 100 }\n",
+            "namespaces",
+        ),
     ] {
         std::fs::write(&path, toml).unwrap();
         let err = roomcast::Config::load(Some(&path), Vec::new())
