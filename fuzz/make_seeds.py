@@ -52,6 +52,8 @@ seeds = {
         "unknown-op": b'{"op":"fly","id":4}',
         "bad-room": b'{"op":"join","room":"a b","id":5}',
         "nested-data": b'{"op":"send","room":"r","event":"e","data":[[[[{"a":"\\u00e9\\"]"}]]]]}',
+        "join-since": b'{"op":"join","room":"h:1","since":{"seq":1041,"epoch":"1764120000123456"},"id":6}',
+        "join-history": b'{"op":"join","room":"h:1","history":20}',
     },
     "bus_envelope": {
         # byte 0 picks the room, the rest is what arrived on the channel.
@@ -60,6 +62,7 @@ seeds = {
         "raw-text": b"\x7f" + '{"event":"message","from":"c","ts":1,"data":"h\\u00e9llo \\"q\\"","raw":"text"}'.encode(),
         "raw-binary": b"\x10" + b'{"event":"message","from":"c","ts":1,"data":"AJ+SlP8=","raw":"binary"}',
         "raw-bad-kind": b"\x01" + b'{"event":"e","data":"x","raw":"xml"}',
+        "stamped": b"\x03" + b'{"seq":42,"epoch":"1764120000123456","event":"gift","data":{"g":1}}',
     },
     "ws_query": {
         # byte 0 is max_rooms (% 40).
@@ -68,6 +71,7 @@ seeds = {
         "encoded-room": b"\x02room=a%3Ab%40c&format=json",
         "too-many": b"\x02room=a&room=b&room=c",
         "bad-room": b"\x08room=a+b",
+        "since": b"\x08room=a&since=live:h:1:41:1764120000123456",
     },
 }
 for target, files in seeds.items():

@@ -662,6 +662,14 @@ impl Raw {
                         "must be at least bus.redis.backoff_min",
                     ));
                 }
+                // A brace would make a history room's keys hash apart from
+                // its channel in a Redis Cluster (bus/redis/history.rs).
+                if r.channel_prefix.contains(['{', '}']) {
+                    return Err(invalid(
+                        "bus.redis.channel_prefix",
+                        "must not contain { or }: a room's channel and history keys share its name as their hash tag",
+                    ));
+                }
                 BusConfig::Redis(RedisConfig {
                     url: r.url,
                     channel_prefix: r.channel_prefix,
@@ -1024,5 +1032,11 @@ mod tests {
                 "{key}={value}: error {err:?} does not name {named}"
             );
         }
+        let braces = env(&[
+            ("ROOMCAST__BUS__KIND", "redis"),
+            ("ROOMCAST__BUS__REDIS__CHANNEL_PREFIX", "rc{1}:"),
+        ]);
+        let err = Config::load(None, braces).unwrap_err().to_string();
+        assert!(err.contains("bus.redis.channel_prefix"), "{err}");
     }
 }

@@ -29,15 +29,18 @@
 //! - [`protocol`]: wire frames, validation and the bus envelope (no I/O);
 //!   [`error`]: every refusal's code, HTTP status and message.
 //! - [`topic`]: a room or a user, and the bus channel it is.
-//! - `hub`: local topics (rooms and users), subscription changes, fan-out;
-//!   `members`: one topic's member list. A user's connections are the
-//!   members of the user's topic.
+//! - `hub`: local topics (rooms and users), subscription changes, fan-out,
+//!   and the seam of a history room's held join (replay, then live, without
+//!   gap or duplicate); `members`: one topic's member list. A user's
+//!   connections are the members of the user's topic.
 //! - `presence`: cluster-wide online counts: the node-wide task that reports
 //!   the hub's per-room counts and watch time through the bus, reads the
 //!   other nodes', and sends `presence` frames to local rooms (throttled).
 //! - `bus`: trait `Bus` with the `memory` and `redis` backends; it
-//!   delivers to a `Deliver` (the hub). History (sequence numbers,
-//!   recovery) is a bus concern: its Redis scripts go beside `redis`.
+//!   delivers to a `Deliver` (the hub). History (seq and epoch, stored with
+//!   the publish; reads for replay) is the bus's: `redis/history.rs` holds
+//!   the keys and scripts, `redis/repair.rs` what a node received of each
+//!   history room, to repair what it missed.
 //! - `gateway`: the state one node shares between all of the above, and
 //!   the publisher task that sends client messages to the bus in batches.
 //! - [`config`], `metrics`, `limit`: settings, Prometheus metrics,

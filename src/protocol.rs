@@ -694,7 +694,12 @@ pub fn peek_stamp(payload: &[u8]) -> Option<(u64, &str)> {
     let seq = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
     let rest = rest[digits..].strip_prefix(b",\"epoch\":\"")?;
     let end = rest.iter().position(|&b| b == b'"')?;
-    Some((seq, std::str::from_utf8(&rest[..end]).ok()?))
+    // An escape would make this text differ from the parsed epoch.
+    let epoch = &rest[..end];
+    if epoch.contains(&b'\\') {
+        return None;
+    }
+    Some((seq, std::str::from_utf8(epoch).ok()?))
 }
 
 /// Why a bus payload could not be delivered.

@@ -8,12 +8,14 @@
 //!   (FIN, no reserved bits, shortest length encoding, nothing after the
 //!   payload); the JSON frame is text carrying a `msg` object for this room;
 //!   the raw frame is text (valid UTF-8) or binary, and is the JSON frame
-//!   itself for a JSON-mode envelope.
+//!   itself for a JSON-mode envelope;
+//! - the stamp read from the first bytes (`peek_stamp`, what a node's gap
+//!   repair uses) is the one the parse finds (what the fan-out uses).
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use roomcast::protocol::{valid_room, Outgoing};
+use roomcast::protocol::{epoch_key, peek_stamp, valid_room, Outgoing, Stamp};
 use roomcast::topic::Target;
 use roomcast::ws;
 use serde::Deserialize;
@@ -82,6 +84,13 @@ fuzz_target!(|data: &[u8]| {
     let Ok(out) = Outgoing::from_envelope(Target::Room(&room), payload) else {
         return;
     };
+    if let Some((seq, epoch)) = peek_stamp(payload) {
+        let stamp = Stamp {
+            seq,
+            epoch: epoch_key(epoch),
+        };
+        assert_eq!(out.stamp, Some(stamp), "peeked {seq} {epoch:?}");
+    }
     let (opcode, json) = strict_frame(&out.json);
     assert_eq!(opcode, ws::OPCODE_TEXT);
     let text = std::str::from_utf8(json).expect("the msg frame is UTF-8");

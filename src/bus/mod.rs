@@ -8,7 +8,14 @@
 //!
 //! Backends: `memory` (one node, no Redis) and `redis` (pub/sub, one channel
 //! per topic, named by [`Topic::channel`]). Redis Cluster (sharded pub/sub)
-//! and history would be further modules behind the same trait.
+//! would be a further module behind the same trait.
+//!
+//! History: a [`Message`] of a history room carries its namespace's
+//! [`History`] rule; the backend stamps it with the room's next seq and
+//! epoch, stores it and publishes it as one operation, and answers the seq
+//! ([`Published`]). [`Bus::history`] reads a room's position and entries
+//! for a join's replay. Receiving, the redis backend repairs gaps from
+//! history before it delivers (`redis/repair.rs`).
 //!
 //! Presence goes through the bus too ([`Bus::presence`]): each node's
 //! per-room counts and watch time, and what the other live nodes reported

@@ -69,6 +69,14 @@ async fn publish(node: &Node, room: &str, data: Value) -> u64 {
         .unwrap_or_else(|| panic!("no seq in {reply}"))
 }
 
+/// The epoch a join's ack names.
+async fn joined_epoch(c: &mut Client) -> String {
+    join_ack(c).await["epoch"]
+        .as_str()
+        .expect("epoch")
+        .to_owned()
+}
+
 /// The ack of a join (after the welcome, for a URL join), skipping presence.
 async fn join_ack(c: &mut Client) -> Value {
     loop {
@@ -187,10 +195,7 @@ async fn recovery_has_no_gap_and_no_duplicate_while_messages_are_published_durin
     let a = Node::ready(history_config(&redis, "a")).await;
     let b = Node::ready(history_config(&redis, "b")).await;
     let (mut publisher, _) = Client::json(&a, &["h:seam"]).await;
-    let epoch = join_ack(&mut publisher).await["epoch"]
-        .as_str()
-        .expect("epoch")
-        .to_owned();
+    let epoch = joined_epoch(&mut publisher).await;
     let published = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let done = published.clone();
     let sending = tokio::spawn(async move {
@@ -339,10 +344,7 @@ async fn a_backend_publishes_into_a_history_room_with_the_shipped_script() {
     let redis = Redis::start().await;
     let node = Node::ready(history_config(&redis, "a")).await;
     let (mut viewer, _) = Client::json(&node, &["h:shop"]).await;
-    let epoch = join_ack(&mut viewer).await["epoch"]
-        .as_str()
-        .expect("epoch")
-        .to_owned();
+    let epoch = joined_epoch(&mut viewer).await;
     let script = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/deploy/redis/history-publish.lua"
@@ -413,10 +415,7 @@ async fn a_lost_or_expired_history_starts_a_new_epoch() {
     let node = Node::ready(history_config(&redis, "a")).await;
     for (room, lose) in [("h:flushed", "flush"), ("t:expired", "expire")] {
         let (mut viewer, _) = Client::json(&node, &[room]).await;
-        let first = join_ack(&mut viewer).await["epoch"]
-            .as_str()
-            .expect("epoch")
-            .to_owned();
+        let first = joined_epoch(&mut viewer).await;
         assert_eq!(publish(&node, room, json!(1)).await, 1);
         assert_eq!(publish(&node, room, json!(2)).await, 2);
         assert_eq!(seqs(&msgs_until(&mut viewer, 2).await), [1, 2]);
