@@ -4,7 +4,9 @@
 //! (skipped unless UTF-8, as a request target is). Checked:
 //! - no panic;
 //! - `Ok`: every room is valid, none twice, at most `max_rooms`, and they
-//!   are exactly the distinct `room` values of the query, in order; the
+//!   are exactly the distinct rooms of the query's `room` values and `since`
+//!   values (`<room>:<seq>:<epoch>`), in order; each `since` room is among
+//!   them, once, with the last seq and epoch given for it; the
 //!   format is the last `format` given (JSON by default); raw mode has
 //!   exactly one room;
 //! - `Err`: one of the documented codes, and a bounded HTTP error body.
@@ -33,7 +35,20 @@ fuzz_target!(|data: &[u8]| {
             );
             let mut distinct: Vec<String> = Vec::new();
             let mut format = Format::Json;
+            let mut since: Vec<(String, u64, String)> = Vec::new();
             for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+                let (key, value) = match &*key {
+                    "since" => {
+                        let mut parts = value.rsplitn(3, ':');
+                        let epoch = parts.next().expect("an accepted since has an epoch");
+                        let seq: u64 = parts.next().and_then(|s| s.parse().ok()).expect("a seq");
+                        let room = parts.next().expect("a room").to_owned();
+                        since.retain(|(r, _, _)| *r != room);
+                        since.push((room.clone(), seq, epoch.to_owned()));
+                        (std::borrow::Cow::Borrowed("room"), std::borrow::Cow::Owned(room))
+                    }
+                    _ => (key, value),
+                };
                 match &*key {
                     "room" if !distinct.iter().any(|r| *r == value) => {
                         distinct.push(value.into_owned())
@@ -44,6 +59,12 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
             assert_eq!(q.rooms, distinct);
+            let got: Vec<(String, u64, String)> = q
+                .since
+                .iter()
+                .map(|(r, s)| (r.clone(), s.seq, s.epoch.clone()))
+                .collect();
+            assert_eq!(got, since);
             assert_eq!(q.format, format);
             for (i, room) in q.rooms.iter().enumerate() {
                 assert!(valid_room(room), "invalid room {room:?} accepted");
