@@ -45,7 +45,10 @@ fuzz_target!(|data: &[u8]| {
                         let room = parts.next().expect("a room").to_owned();
                         since.retain(|(r, _, _)| *r != room);
                         since.push((room.clone(), seq, epoch.to_owned()));
-                        (std::borrow::Cow::Borrowed("room"), std::borrow::Cow::Owned(room))
+                        (
+                            std::borrow::Cow::Borrowed("room"),
+                            std::borrow::Cow::Owned(room),
+                        )
                     }
                     _ => (key, value),
                 };
