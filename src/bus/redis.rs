@@ -66,6 +66,10 @@ use repair::{Fate, Seen};
 /// Rooms per SUBSCRIBE command when re-subscribing after a reconnect.
 const RESUBSCRIBE_BATCH: usize = 512;
 
+/// How long a failed session still takes what its subscriber connection
+/// yields (it ends at once when Redis closed it).
+const DRAIN: Duration = Duration::from_millis(200);
+
 struct RedisBus {
     config: RedisConfig,
     /// This node's presence keys (and everyone's, by prefix).
@@ -487,7 +491,6 @@ impl Supervisor {
         publisher: Conn,
     ) -> Ended {
         let cfg = self.bus.config.clone();
-        let prefix = cfg.channel_prefix.clone();
         let mut ping =
             tokio::time::interval_at(Instant::now() + cfg.ping_interval, cfg.ping_interval);
         let canaries = !cfg.canary_interval.is_zero();
@@ -512,13 +515,13 @@ impl Supervisor {
             self.bus.set_up(&self.metrics, publisher.take());
         }
         let far = Instant::now() + Duration::from_secs(3600);
-        loop {
+        let ended = loop {
             let deadline = canary.map_or(far, |(_, d)| d);
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ended::Shutdown,
                 _ = tokio::time::sleep_until(deadline), if canary.is_some() => {
                     self.metrics.bus_canary_failures.inc();
-                    return Ended::Failed("the canary did not come back through redis in time".into());
+                    break Ended::Failed("the canary did not come back through redis in time".into());
                 }
                 _ = canary_tick.tick(), if canaries && canary.is_none() => {
                     canary = Some((self.canary_seq + 1, self.send_canary(&conn)));
@@ -527,41 +530,13 @@ impl Supervisor {
                     let Some(first) = msg else {
                         return Ended::Failed("subscriber connection closed".into());
                     };
-                    // Take whatever else has already arrived and deliver it as one batch.
-                    let mut batch = vec![first];
-                    let mut closed = false;
-                    while batch.len() < super::MAX_BATCH {
-                        match stream.next().now_or_never() {
-                            Some(Some(next)) => batch.push(next),
-                            Some(None) => {
-                                closed = true;
-                                break;
-                            }
-                            None => break,
+                    let waiting = canary.map(|(seq, _)| seq);
+                    let (closed, back) = self.deliver(first, &mut stream, &conn, &scripts, waiting).await;
+                    if back {
+                        canary = None;
+                        if let Some(p) = publisher.take() {
+                            self.bus.set_up(&self.metrics, Some(p));
                         }
-                    }
-                    if let Some((seq, _)) = canary {
-                        let back = batch.iter().any(|m| {
-                            m.get_channel_name() == self.canary_channel
-                                && m.get_payload_bytes() == seq.to_string().as_bytes()
-                        });
-                        if back {
-                            canary = None;
-                            if let Some(p) = publisher.take() {
-                                self.bus.set_up(&self.metrics, Some(p));
-                            }
-                        }
-                    }
-                    let items: Vec<(&str, &[u8])> = batch
-                        .iter()
-                        .filter_map(|m| Some((m.get_channel_name().strip_prefix(&prefix)?, m.get_payload_bytes())))
-                        .collect();
-                    if items.iter().any(|(_, p)| Seen::stamp(p).is_some()) {
-                        let ordered = self.repair(items, &conn, &scripts).await;
-                        let items: Vec<(&str, &[u8])> = ordered.iter().map(|(k, p)| (*k, &p[..])).collect();
-                        self.sink.deliver_batch(&items);
-                    } else {
-                        self.sink.deliver_batch(&items);
                     }
                     if closed {
                         return Ended::Failed("subscriber connection closed".into());
@@ -579,19 +554,88 @@ impl Supervisor {
                         }
                     }
                     if let Err(reason) = self.apply(&mut sink, cmds, cfg.timeout).await {
-                        return Ended::Failed(reason);
+                        break Ended::Failed(reason);
                     }
                 }
                 _ = ping.tick() => {
                     if let Err(reason) = self.check(&mut sink, &conn, cfg.timeout).await {
-                        return Ended::Failed(reason);
+                        break Ended::Failed(reason);
                     }
                 }
                 _ = self.bus.suspect.notified() => {
                     if let Err(reason) = self.check(&mut sink, &conn, cfg.timeout).await {
-                        return Ended::Failed(reason);
+                        break Ended::Failed(reason);
                     }
                 }
+            }
+        };
+        // What Redis sent just before it failed may still be unread (a
+        // publish failing first wakes the check above): deliver it.
+        self.drain(&mut stream, &conn, &scripts).await;
+        ended
+    }
+
+    /// Deliver `first` and whatever else has already arrived, as one batch
+    /// (in order, repaired); answers whether the stream ended and whether
+    /// the canary `waiting` for came back in it.
+    async fn deliver(
+        &mut self,
+        first: redis::Msg,
+        stream: &mut PubSubStream,
+        conn: &MultiplexedConnection,
+        scripts: &Scripts,
+        waiting: Option<u64>,
+    ) -> (bool, bool) {
+        let mut batch = vec![first];
+        let mut closed = false;
+        while batch.len() < super::MAX_BATCH {
+            match stream.next().now_or_never() {
+                Some(Some(next)) => batch.push(next),
+                Some(None) => {
+                    closed = true;
+                    break;
+                }
+                None => break,
+            }
+        }
+        let back = waiting.is_some_and(|seq| {
+            batch.iter().any(|m| {
+                m.get_channel_name() == self.canary_channel
+                    && m.get_payload_bytes() == seq.to_string().as_bytes()
+            })
+        });
+        let prefix = &self.bus.config.channel_prefix;
+        let items: Vec<(&str, &[u8])> = batch
+            .iter()
+            .filter_map(|m| {
+                Some((
+                    m.get_channel_name().strip_prefix(prefix.as_str())?,
+                    m.get_payload_bytes(),
+                ))
+            })
+            .collect();
+        if items.iter().any(|(_, p)| Seen::stamp(p).is_some()) {
+            let ordered = self.repair(items, conn, scripts).await;
+            let items: Vec<(&str, &[u8])> = ordered.iter().map(|(k, p)| (*k, &p[..])).collect();
+            self.sink.deliver_batch(&items);
+        } else {
+            self.sink.deliver_batch(&items);
+        }
+        (closed, back)
+    }
+
+    /// The connections are being given up: deliver what the subscriber
+    /// connection still yields, until it ends or [`DRAIN`] passes.
+    async fn drain(
+        &mut self,
+        stream: &mut PubSubStream,
+        conn: &MultiplexedConnection,
+        scripts: &Scripts,
+    ) {
+        let until = Instant::now() + DRAIN;
+        while let Ok(Some(first)) = tokio::time::timeout_at(until, stream.next()).await {
+            if self.deliver(first, stream, conn, scripts, None).await.0 {
+                return;
             }
         }
     }

@@ -224,10 +224,11 @@ fn summary(outcomes: &[(&str, Outcomes)]) -> String {
 // ------------------------------------------------------------ Redis faults
 
 /// Two nodes, two subscribers and a publisher on each, numbered messages
-/// into a history room throughout; `fault` strikes Redis mid-stream.
-async fn survives(fault: impl AsyncFnOnce(&mut Option<Redis>, u16)) {
+/// into a history room throughout; `fault` strikes Redis (started with
+/// `args`, which a restart keeps) mid-stream.
+async fn survives(args: Vec<String>, fault: impl AsyncFnOnce(&mut Option<Redis>, u16, &[String])) {
     const ROOM: &str = "h:fault";
-    let redis = Redis::start().await;
+    let redis = Redis::start_with(|| args.clone()).await;
     let port = redis.port;
     let a = Node::ready(history_config(&redis, "a")).await;
     let b = Node::ready(history_config(&redis, "b")).await;
@@ -265,7 +266,7 @@ async fn survives(fault: impl AsyncFnOnce(&mut Option<Redis>, u16)) {
         ));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    fault(&mut redis, port).await;
+    fault(&mut redis, port, &args).await;
     a.wait_ready(200).await;
     b.wait_ready(200).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -298,36 +299,76 @@ async fn freeze(redis: &mut Option<Redis>, d: Duration) {
     r.signal("CONT");
 }
 
-/// SIGKILL, and a new redis-server on the same port after `d`.
-async fn restart(redis: &mut Option<Redis>, port: u16, d: Duration) {
+/// SIGKILL, and a new redis-server on the same port (with the same
+/// arguments) after `d`.
+async fn restart(redis: &mut Option<Redis>, port: u16, args: &[String], d: Duration) {
     redis.as_mut().expect("redis").kill();
     tokio::time::sleep(d).await;
-    *redis = Some(Redis::start_on(port).await);
+    *redis = Some(Redis::start_on_with(port, args).await);
+}
+
+/// Redis with AOF persistence, fsynced before every reply, in a fresh
+/// directory: a restart keeps every room's history and epoch.
+fn persistent() -> Vec<String> {
+    let dir = std::env::temp_dir().join(format!(
+        "roomcast-aof-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::create_dir_all(&dir).expect("aof dir");
+    ["--appendonly", "yes", "--appendfsync", "always", "--dir"]
+        .into_iter()
+        .map(String::from)
+        .chain([dir.to_str().expect("utf-8 dir").to_owned()])
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acked_messages_reach_everyone_across_a_short_redis_freeze() {
-    survives(async |r, _| freeze(r, Duration::from_millis(2500)).await).await;
+    survives(Vec::new(), async |r, _, _| {
+        freeze(r, Duration::from_millis(2500)).await
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acked_messages_reach_everyone_across_a_long_redis_freeze() {
-    survives(async |r, _| freeze(r, Duration::from_secs(10)).await).await;
+    survives(Vec::new(), async |r, _, _| {
+        freeze(r, Duration::from_secs(10)).await
+    })
+    .await;
 }
 
+/// Without persistence the restarted Redis has no history: the rooms start
+/// a new epoch (the nodes deliver it from its start), and what the nodes had
+/// not received of the old one is gone with it. What Redis acked before it
+/// died it wrote to the subscribers' sockets in the same event-loop pass as
+/// the reply, so the nodes receive it — if they read what their subscriber
+/// connection still holds when it fails (they do: `drain`). A SIGKILL landing
+/// between those writes (microseconds) could still part them: AOF closes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acked_messages_reach_everyone_across_a_quick_redis_restart() {
-    survives(async |r, port| restart(r, port, Duration::from_secs(3)).await).await;
+    let three = Duration::from_secs(3);
+    survives(Vec::new(), async |r, port, args| {
+        restart(r, port, args, three).await
+    })
+    .await;
 }
 
+/// With AOF persistence the history survives the restart: the nodes repair
+/// the gap from it in the same epoch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acked_messages_reach_everyone_across_a_slow_redis_restart() {
-    survives(async |r, port| restart(r, port, Duration::from_secs(20)).await).await;
+async fn acked_messages_reach_everyone_across_a_slow_redis_restart_with_persistence() {
+    let twenty = Duration::from_secs(20);
+    survives(persistent(), async |r, port, args| {
+        restart(r, port, args, twenty).await
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acked_messages_reach_everyone_when_redis_drops_the_subscribers() {
-    survives(async |r, _| {
+    survives(Vec::new(), async |r, _, _| {
         let r = r.as_ref().expect("redis");
         let killed: i64 = r.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
         assert!(killed >= 2, "each node's subscriber connection: {killed}");
@@ -418,7 +459,7 @@ async fn cluster_run(incident: Incident) {
     tokio::time::sleep(Duration::from_millis(700)).await;
     match incident {
         Incident::KillNode => nodes[2].0.signal("KILL"),
-        Incident::RestartRedis => restart(&mut redis, port, Duration::from_secs(2)).await,
+        Incident::RestartRedis => restart(&mut redis, port, &[], Duration::from_secs(2)).await,
     }
     for (_, addr, _) in &nodes[..2] {
         eventually("the surviving nodes to be ready", || async {

@@ -97,7 +97,13 @@ impl Redis {
 
     /// A server on `port` (e.g. the port of one that was killed, to restart it).
     pub async fn start_on(port: u16) -> Redis {
-        Redis::try_start_on(port, &[])
+        Redis::start_on_with(port, &[]).await
+    }
+
+    /// [`Redis::start_on`] with more arguments (e.g. the persistence of the
+    /// server it replaces).
+    pub async fn start_on_with(port: u16, extra: &[String]) -> Redis {
+        Redis::try_start_on(port, extra)
             .await
             .unwrap_or_else(|| panic!("redis-server could not start on port {port}"))
     }
