@@ -277,11 +277,11 @@ async fn a_user_gets_messages_on_every_connection_on_every_node_and_only_while_c
         .cmd(&["PUBLISH", "roomcast:user:bob", r#"{"event":"x"}"#])
         .await;
     assert_eq!(receivers, 2);
-    let (ack, _) = eve
-        .request(send_frame("user:bob", "e", json!(null)), 2)
+    let (ack, own) = eve
+        .request_own(send_frame("user:bob", "e", json!(null)), 2)
         .await;
     assert_eq!(ack["op"], "ack");
-    assert_eq!(eve.recv_json().await["room"], "user:bob");
+    assert_eq!(own["room"], "user:bob");
     assert_eq!(phone.recv_json().await["event"], "x");
     // Node a holds bob's subscription only while bob is connected to it.
     phone.close().await;
@@ -398,9 +398,9 @@ async fn rs256_and_es256_tokens_verify_with_a_pem_public_key_and_hs256_confusion
         .await;
         let good = encode(&Header::new(alg), &claims, &key).unwrap();
         let (mut c, _) = connect(&node, "room=r", &good).await;
-        let (ack, _) = c.request(send_frame("r", "e", json!(1)), 1).await;
+        let (ack, own) = c.request_own(send_frame("r", "e", json!(1)), 1).await;
         assert_eq!(ack["op"], "ack");
-        assert_eq!(c.recv_json().await["from"], "ana");
+        assert_eq!(own["from"], "ana");
         // The public key used as an HS256 secret (algorithm confusion) is refused.
         let forged = encode(
             &Header::new(Algorithm::HS256),

@@ -449,3 +449,28 @@ async fn a_lost_or_expired_history_starts_a_new_epoch() {
         );
     }
 }
+
+/// The shipped starting point for live rooms loads, and its `live:` rooms
+/// keep history (here on the memory bus: one node, no Redis).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_live_config_keeps_history_in_live_rooms() {
+    let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config/live.toml"));
+    let env = [
+        ("ROOMCAST__SERVER__LISTEN", "127.0.0.1:0"),
+        ("ROOMCAST__API__KEYS", TEST_API_KEY),
+    ];
+    let config =
+        roomcast::Config::load(Some(path), env.map(|(k, v)| (k.to_string(), v.to_string())))
+            .unwrap_or_else(|e| panic!("config/live.toml: {e}"));
+    let node = Node::ready(config).await;
+    let (mut viewer, _) = Client::json(&node, &["live:42"]).await;
+    let epoch = joined_epoch(&mut viewer).await;
+    assert_eq!(publish(&node, "live:42", json!("gift")).await, 1);
+    let got = msgs_until(&mut viewer, 1).await;
+    assert_eq!(got[0]["epoch"], epoch.as_str());
+    // Anonymous viewers watch: sending is for signed-in users.
+    let (err, _) = viewer
+        .request(send_frame("live:42", "danmaku", json!("hi")), 1)
+        .await;
+    assert_eq!(err["code"], "forbidden", "{err}");
+}

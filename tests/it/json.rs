@@ -149,11 +149,11 @@ async fn bad_requests_get_error_frames_with_stable_codes_and_the_connection_stay
     check(c.recv_json().await, error("too_many_rooms", Some(7)));
 
     // Still usable after all of that.
-    let (ack, _) = c
-        .request(send_frame("r1", "comment", json!("still here")), 8)
+    let (ack, own) = c
+        .request_own(send_frame("r1", "comment", json!("still here")), 8)
         .await;
     assert_eq!(ack, json!({"op": "ack", "id": 8}));
-    assert_eq!(c.recv_json().await["data"], "still here");
+    assert_eq!(own["data"], "still here");
 
     let errors = node.get("/metrics").await.1;
     assert_eq!(
@@ -169,11 +169,11 @@ async fn oversize_message_closes_with_1009_and_the_room_carries_on() {
     let (mut other, _) = Client::json(&node, &["r"]).await;
     big.send(Message::text("x".repeat(2000))).await;
     assert_eq!(big.closed().await, 1009);
-    let (ack, _) = other
-        .request(send_frame("r", "comment", json!("fine")), 1)
+    let (ack, own) = other
+        .request_own(send_frame("r", "comment", json!("fine")), 1)
         .await;
     assert_eq!(ack["op"], "ack");
-    assert_eq!(other.recv_json().await["data"], "fine");
+    assert_eq!(own["data"], "fine");
 }
 
 #[tokio::test]

@@ -600,6 +600,23 @@ impl Client {
         }
     }
 
+    /// Send a `send` request; returns its reply and this client's own `msg`
+    /// of it (the sender is in the room), which may come before or after
+    /// the reply.
+    pub async fn request_own(&mut self, v: Value, id: u64) -> (Value, Value) {
+        let (reply, other) = self.request(v, id).await;
+        let own = match other.into_iter().find(|f| f["op"] == "msg") {
+            Some(msg) => msg,
+            None => loop {
+                let f = self.recv_json().await;
+                if f["op"] == "msg" {
+                    break f;
+                }
+            },
+        };
+        (reply, own)
+    }
+
     /// Wait for the server's close frame; returns its code.
     pub async fn closed(&mut self) -> u16 {
         let code = within("the server to close the connection", async {
