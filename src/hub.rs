@@ -232,8 +232,10 @@ impl Hub {
                 self.metrics.deliveries.inc_by(sent.len() as u64);
             }
         }
+        // Unless the node has delivered `at` itself, messages up to it may
+        // still be on their way (also when the room's epoch just changed).
         let seen = live.last().and_then(|o| o.stamp).or(recovery.last);
-        if seen.is_none_or(|last| last.epoch == at.epoch && last.seq < at.seq) {
+        if !seen.is_some_and(|last| last.epoch == at.epoch && last.seq >= at.seq) {
             recovery.floors.push((peer.seq, at));
         }
         room.members.insert(peer.clone());

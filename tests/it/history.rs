@@ -357,19 +357,16 @@ async fn a_backend_publishes_into_a_history_room_with_the_shipped_script() {
     ))
     .expect("read the script");
     let sha: String = redis.cmd(&["SCRIPT", "LOAD", &script]).await;
-    let (seq, script_epoch, receivers): (u64, String, i64) = redis
-        .cmd(&[
-            "EVALSHA",
-            &sha,
-            "2",
-            "{roomcast:room:h:shop}:meta",
-            "{roomcast:room:h:shop}:hist",
-            "roomcast:room:h:shop",
-            r#"{"event":"gift","from":"shop","data":{"gift":"rocket"}}"#,
-            "100",
-            "300000",
-        ])
-        .await;
+    // The call a backend makes for room h:shop (size 100, ttl 5 min).
+    let call = |envelope| {
+        let keys = ["{roomcast:room:h:shop}:meta", "{roomcast:room:h:shop}:hist"];
+        let args = ["roomcast:room:h:shop", envelope, "100", "300000"];
+        let mut cmd = vec!["EVALSHA", sha.as_str(), "2"];
+        cmd.extend(keys.into_iter().chain(args));
+        cmd
+    };
+    let gift = r#"{"event":"gift","from":"shop","data":{"gift":"rocket"}}"#;
+    let (seq, script_epoch, receivers): (u64, String, i64) = redis.cmd(&call(gift)).await;
     assert_eq!(
         (seq, script_epoch.as_str(), receivers),
         (1, epoch.as_str(), 1)
@@ -396,17 +393,7 @@ async fn a_backend_publishes_into_a_history_room_with_the_shipped_script() {
     );
     // Anything but a JSON object is refused by the script itself.
     let err = redis
-        .try_cmd::<redis::Value>(&[
-            "EVALSHA",
-            &sha,
-            "2",
-            "{roomcast:room:h:shop}:meta",
-            "{roomcast:room:h:shop}:hist",
-            "roomcast:room:h:shop",
-            "not json",
-            "100",
-            "300000",
-        ])
+        .try_cmd::<redis::Value>(&call("not json"))
         .await
         .expect_err("a non-object envelope");
     assert!(err.to_string().contains("must be a JSON object"), "{err}");
