@@ -33,6 +33,7 @@ impl std::fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisConfig")
             .field("url", &redact_url(&self.url))
+            .field("cluster", &self.cluster)
             .field("channel_prefix", &self.channel_prefix)
             .field("ping_interval", &self.ping_interval)
             .field("canary_interval", &self.canary_interval)
@@ -44,8 +45,12 @@ impl std::fmt::Debug for RedisConfig {
     }
 }
 
-/// `url` with its password (if any) replaced by `***`, for logs and errors.
+/// `url` with its password (if any) replaced by `***`, for logs and errors
+/// (each of a comma-separated list).
 pub fn redact_url(url: &str) -> String {
+    if url.contains(',') {
+        return url.split(',').map(redact_url).collect::<Vec<_>>().join(",");
+    }
     match redis::parse_redis_url(url) {
         Some(mut u) if u.password().is_some() => {
             let _ = u.set_password(Some("***"));
@@ -129,7 +134,12 @@ pub enum BusConfig {
 
 #[derive(Clone)]
 pub struct RedisConfig {
+    /// As configured: one URL, or (cluster) seed URLs separated by commas.
     pub url: String,
+    /// `bus.kind = "redis-cluster"`: a Redis Cluster, with sharded pub/sub.
+    pub cluster: bool,
+    /// The URLs of `url`, each checked: the server (or the cluster's seeds).
+    pub seeds: Vec<String>,
     pub channel_prefix: String,
     pub ping_interval: Duration,
     /// How often a canary goes round the bus (zero: never); see `bus::redis`.
@@ -625,17 +635,50 @@ impl Raw {
             "memory" => BusConfig::Memory {
                 capacity: positive("bus.memory_capacity", self.bus.memory_capacity)?,
             },
-            "redis" => {
+            kind @ ("redis" | "redis-cluster") => {
                 let r = self.bus.redis;
-                let Some(url) = redis::parse_redis_url(&r.url) else {
+                let cluster = kind == "redis-cluster";
+                let seeds: Vec<String> = match cluster {
+                    true => r
+                        .url
+                        .split(',')
+                        .map(|u| u.trim().to_owned())
+                        .filter(|u| !u.is_empty())
+                        .collect(),
+                    false => vec![r.url.clone()],
+                };
+                let mut parsed = Vec::with_capacity(seeds.len());
+                for seed in &seeds {
+                    match redis::parse_redis_url(seed) {
+                        Some(url) => parsed.push(url),
+                        None => {
+                            return Err(invalid(
+                                "bus.redis.url",
+                                format!(
+                                    "{:?} is not a redis:// or rediss:// URL{}",
+                                    redact_url(seed),
+                                    if cluster {
+                                        " (seeds are separated by commas)"
+                                    } else {
+                                        ""
+                                    }
+                                ),
+                            ))
+                        }
+                    }
+                }
+                let Some(url) = parsed.first().cloned() else {
                     return Err(invalid(
                         "bus.redis.url",
-                        format!(
-                            "{:?} is not a redis:// or rediss:// URL",
-                            redact_url(&r.url)
-                        ),
+                        "with bus.kind = \"redis-cluster\", give at least one seed URL",
                     ));
                 };
+                if parsed.iter().any(|u| u.scheme() != url.scheme()) {
+                    return Err(invalid(
+                        "bus.redis.url",
+                        "every seed must use the same scheme (redis:// or rediss://)",
+                    ));
+                }
                 let tls_ca_file = match r.tls_ca_file.as_str() {
                     "" => None,
                     path => {
@@ -672,6 +715,8 @@ impl Raw {
                 }
                 BusConfig::Redis(RedisConfig {
                     url: r.url,
+                    cluster,
+                    seeds,
                     channel_prefix: r.channel_prefix,
                     ping_interval: nonzero_duration("bus.redis.ping_interval", &r.ping_interval)?,
                     canary_interval: duration("bus.redis.canary_interval", &r.canary_interval)?,
@@ -684,7 +729,7 @@ impl Raw {
             other => {
                 return Err(invalid(
                     "bus.kind",
-                    format!("{other:?} is not one of \"memory\", \"redis\""),
+                    format!("{other:?} is not one of \"memory\", \"redis\", \"redis-cluster\""),
                 ))
             }
         };

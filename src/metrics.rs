@@ -46,6 +46,10 @@ pub struct Metrics {
     pub bus_up: Gauge,
     pub bus_reconnects: IntCounter,
     pub bus_canary_failures: IntCounter,
+    pub bus_shards: IntGauge,
+    pub bus_shards_up: IntGauge,
+    pub bus_topology_changes: IntCounter,
+    pub bus_rooms_moved: IntCounter,
     pub history_repaired: IntCounter,
     pub history_unrepaired: IntCounter,
     pub history_joins: IntCounterVec,
@@ -188,6 +192,22 @@ impl Metrics {
             bus_canary_failures: counter(
                 "roomcast_bus_canary_failures_total",
                 "Canaries that did not come back through the bus in time (each marks the bus down)",
+            )?,
+            bus_shards: int_gauge(
+                "roomcast_bus_shards",
+                "Redis shards (primaries) the bus uses: 1 on a single Redis",
+            )?,
+            bus_shards_up: int_gauge(
+                "roomcast_bus_shards_up",
+                "Redis shards whose connections are up and subscribed",
+            )?,
+            bus_topology_changes: counter(
+                "roomcast_bus_topology_changes_total",
+                "Changes of the Redis Cluster's slot map this node followed",
+            )?,
+            bus_rooms_moved: counter(
+                "roomcast_bus_rooms_moved_total",
+                "Room subscriptions Redis moved to another shard (slot migration, failover)",
             )?,
             history_repaired: counter(
                 "roomcast_history_repaired_total",

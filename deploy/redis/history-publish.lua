@@ -10,6 +10,8 @@
 -- ARGV[1] = <channel>          e.g. roomcast:room:h:42
 -- ARGV[2] = the envelope: a JSON object without seq/epoch
 -- ARGV[3] = history.size       ARGV[4] = history.ttl in milliseconds
+-- ARGV[5] = "sharded" on a Redis Cluster (roomcast bus.kind = "redis-cluster"):
+--           SPUBLISH, so the message stays within the room's shard; else PUBLISH
 -- Returns {seq, epoch, receivers}.
 local env = ARGV[2]
 if string.sub(env, 1, 1) ~= '{' then
@@ -34,5 +36,9 @@ redis.call('ZADD', KEYS[2], seq, env)
 redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[3]) + 1))
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
-local receivers = redis.call('PUBLISH', ARGV[1], env)
+local publish = 'PUBLISH'
+if ARGV[5] == 'sharded' then
+  publish = 'SPUBLISH'
+end
+local receivers = redis.call(publish, ARGV[1], env)
 return {seq, epoch, receivers}

@@ -34,7 +34,8 @@ use crate::namespace::History;
 
 /// Stamp, store and publish: `deploy/redis/history-publish.lua`, the
 /// contract for backends too. KEYS: meta, hist. ARGV: channel, envelope (a
-/// JSON object), size, ttl in ms. Returns {seq, epoch, receivers}.
+/// JSON object), size, ttl in ms, and "sharded" to SPUBLISH (a cluster).
+/// Returns {seq, epoch, receivers}.
 pub const PUBLISH: &str = include_str!("../../../deploy/redis/history-publish.lua");
 
 /// KEYS: meta, hist. ARGV: "after" or "last", a seq or a count, and the ttl
@@ -97,13 +98,15 @@ fn millis(d: Duration) -> u64 {
     d.as_millis().max(1) as u64
 }
 
-/// Add the publish of `envelope` to `channel`'s history to `pipe`.
+/// Add the publish of `envelope` to `channel`'s history to `pipe`
+/// (`sharded`: with SPUBLISH, on a Redis Cluster).
 pub fn publish(
     pipe: &mut redis::Pipeline,
     scripts: &Scripts,
     channel: &str,
     envelope: &[u8],
     rule: History,
+    sharded: bool,
 ) {
     let [meta, hist] = keys(channel);
     pipe.cmd("EVALSHA")
@@ -115,6 +118,9 @@ pub fn publish(
         .arg(envelope)
         .arg(rule.size)
         .arg(millis(rule.ttl));
+    if sharded {
+        pipe.arg("sharded");
+    }
 }
 
 /// The read of `channel`'s history; with `start` (the room's ttl), a room

@@ -113,6 +113,11 @@ impl Keys {
         }
     }
 
+    /// A key in the presence keys' slot (they all share it).
+    pub fn slot_key(&self) -> &str {
+        &self.nodes
+    }
+
     pub fn watch(&self, room: &str) -> String {
         format!("{}watch:{room}", self.prefix)
     }
