@@ -37,6 +37,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("channel_prefix", &self.channel_prefix)
             .field("ping_interval", &self.ping_interval)
             .field("canary_interval", &self.canary_interval)
+            .field("wait_replicas", &self.wait_replicas)
             .field("timeout", &self.timeout)
             .field("backoff_min", &self.backoff_min)
             .field("backoff_max", &self.backoff_max)
@@ -144,6 +145,8 @@ pub struct RedisConfig {
     pub ping_interval: Duration,
     /// How often a canary goes round the bus (zero: never); see `bus::redis`.
     pub canary_interval: Duration,
+    /// Replicas that must have a history message before it is acked (WAIT).
+    pub wait_replicas: u32,
     /// PEM file of the CA(s) a `rediss://` server's certificate must chain
     /// to; `None`: the system's trust store. Read again at every connect.
     pub tls_ca_file: Option<std::path::PathBuf>,
@@ -302,6 +305,7 @@ struct RawRedis {
     channel_prefix: String,
     ping_interval: String,
     canary_interval: String,
+    wait_replicas: u32,
     tls_ca_file: String,
     timeout: String,
     backoff_min: String,
@@ -720,6 +724,7 @@ impl Raw {
                     channel_prefix: r.channel_prefix,
                     ping_interval: nonzero_duration("bus.redis.ping_interval", &r.ping_interval)?,
                     canary_interval: duration("bus.redis.canary_interval", &r.canary_interval)?,
+                    wait_replicas: r.wait_replicas,
                     timeout: nonzero_duration("bus.redis.timeout", &r.timeout)?,
                     backoff_min,
                     backoff_max,

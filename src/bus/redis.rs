@@ -300,7 +300,16 @@ impl RedisBus {
                 }
             }
         }
-        let replies = match timeout(
+        // History messages must be on `wait_replicas` replicas before they
+        // are acked: one WAIT after them covers the whole pipeline.
+        let wait =
+            self.config.wait_replicas > 0 && indices.iter().any(|&i| items[i].history.is_some());
+        if wait {
+            pipe.cmd("WAIT")
+                .arg(self.config.wait_replicas)
+                .arg((self.config.timeout / 2).as_millis().max(1) as u64);
+        }
+        let mut replies = match timeout(
             self.config.timeout,
             pipe.query_async::<Vec<redis::RedisResult<redis::Value>>>(&mut conn),
         )
@@ -310,13 +319,27 @@ impl RedisBus {
             Ok(Err(e)) => return all_of(self.failed(shard, "publish", Some(e))),
             Err(_) => return all_of(self.failed(shard, "publish", None)),
         };
+        let replicated = match wait {
+            false => true,
+            true => {
+                matches!(replies.pop(), Some(Ok(redis::Value::Int(n))) if n >= i64::from(self.config.wait_replicas))
+            }
+        };
         // Answered on a connection declared dead meanwhile: Redis may have
         // handled it while this node's subscriptions were gone.
         let current = shard.generation.load(Ordering::Acquire) == generation;
         indices
             .iter()
             .zip(replies)
-            .map(|(&i, reply)| self.outcome(shard, items[i].history.is_some(), reply, current))
+            .map(|(&i, reply)| {
+                let history = items[i].history.is_some();
+                match self.outcome(shard, history, reply, current) {
+                    Ok(_) if history && !replicated => Err(BusError::Unconfirmed(
+                        "stored on the primary, but not on enough replicas in time".into(),
+                    )),
+                    outcome => outcome,
+                }
+            })
             .collect()
     }
 }

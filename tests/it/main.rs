@@ -22,5 +22,6 @@ mod outage;
 mod presence;
 mod raw;
 mod recovery;
+mod redis_cluster;
 mod slow;
 mod tls;

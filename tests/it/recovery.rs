@@ -227,16 +227,26 @@ fn summary(outcomes: &[(&str, Outcomes)]) -> String {
 /// into a history room throughout; `fault` strikes Redis (started with
 /// `args`, which a restart keeps) mid-stream.
 async fn survives(args: Vec<String>, fault: impl AsyncFnOnce(&mut Option<Redis>, u16, &[String])) {
-    const ROOM: &str = "h:fault";
     let redis = Redis::start_with(|| args.clone()).await;
     let port = redis.port;
     let a = Node::ready(history_config(&redis, "a")).await;
     let b = Node::ready(history_config(&redis, "b")).await;
     let mut redis = Some(redis);
+    through(&a, &b, "h:fault", async || {
+        fault(&mut redis, port, &args).await
+    })
+    .await;
+}
+
+/// On nodes `a` and `b`: two subscribers and a publisher on each, numbered
+/// messages into history room `room` throughout, and `fault` mid-stream.
+/// Then every subscriber has every acked message once, in order, none
+/// answered `unavailable`, and no client reconnected.
+pub async fn through(a: &Node, b: &Node, room: &'static str, fault: impl AsyncFnOnce()) {
     let joined = Arc::new(AtomicUsize::new(0));
     let mut subscribers = Vec::new();
-    for (i, node) in [&a, &a, &b, &b].into_iter().enumerate() {
-        let url = node.ws_url(&format!("room={ROOM}"));
+    for (i, node) in [a, a, b, b].into_iter().enumerate() {
+        let url = node.ws_url(&format!("room={room}"));
         let joined = joined.clone();
         let task = tokio::spawn(async move {
             subscribe(
@@ -257,16 +267,16 @@ async fn survives(args: Vec<String>, fault: impl AsyncFnOnce(&mut Option<Redis>,
     .await;
     let stop = Arc::new(AtomicBool::new(false));
     let mut publishers = Vec::new();
-    for (name, node) in [("pa", &a), ("pb", &b)] {
+    for (name, node) in [("pa", a), ("pb", b)] {
         let (c, _) = Client::json(node, &[]).await;
         let stop = stop.clone();
         publishers.push((
             name,
-            tokio::spawn(publish_until(c, ROOM, name, Duration::from_millis(5), stop)),
+            tokio::spawn(publish_until(c, room, name, Duration::from_millis(5), stop)),
         ));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    fault(&mut redis, port, &args).await;
+    fault().await;
     a.wait_ready(200).await;
     b.wait_ready(200).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -282,7 +292,7 @@ async fn survives(args: Vec<String>, fault: impl AsyncFnOnce(&mut Option<Redis>,
             .expect("subscriber");
         check(&format!("subscriber {i}"), &got, &outcomes);
     }
-    for node in [&a, &b] {
+    for node in [a, b] {
         assert_eq!(
             node.metric("roomcast_connections_opened_total").await,
             3.0,

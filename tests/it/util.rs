@@ -146,7 +146,8 @@ impl Redis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    async fn ping(&self) -> bool {
+    /// Whether the server answers PING (on a fresh connection).
+    pub async fn ping(&self) -> bool {
         let Ok(client) = redis::Client::open(self.url()) else {
             return false;
         };

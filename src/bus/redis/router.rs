@@ -263,11 +263,13 @@ impl Router {
             tracing::info!(primaries = ?topology.primaries, "cluster topology changed");
         }
         let mut shards = Vec::with_capacity(topology.primaries.len());
+        let mut new = Vec::new();
         for name in &topology.primaries {
             if !self.sessions.contains_key(name) {
-                match self.spawn(name, notes) {
-                    Ok(handle) => {
+                match self.session(name, notes) {
+                    Ok((handle, session)) => {
                         self.sessions.insert(name.clone(), handle);
+                        new.push(session);
                     }
                     Err(e) => {
                         tracing::warn!(shard = %name, error = %e, "cannot reach this primary");
@@ -281,6 +283,10 @@ impl Router {
             topology: Arc::new(topology),
             shards,
         });
+        // Started once the routes say which slots are theirs.
+        for session in new {
+            self.tracker.spawn(session.run());
+        }
         // Rooms whose slot changed hands, and rooms without a shard so far.
         let mut moves: Vec<(Topic, Option<String>, String)> = Vec::new();
         for (topic, owner) in &self.assigned {
@@ -331,7 +337,12 @@ impl Router {
         self.bus.update_up();
     }
 
-    fn spawn(&self, name: &str, notes: &mpsc::UnboundedSender<Note>) -> Result<Handle, String> {
+    /// A session for primary `name`, to be started.
+    fn session(
+        &self,
+        name: &str,
+        notes: &mpsc::UnboundedSender<Note>,
+    ) -> Result<(Handle, Session), String> {
         let client = match self.bus.config.cluster {
             true => topology::client_for(&self.seeds[0], name)?,
             false => self.seeds[0].clone(),
@@ -353,7 +364,6 @@ impl Router {
             canary_channel: String::new(),
             canary_seq: 0,
         };
-        self.tracker.spawn(session.run());
-        Ok(Handle { shard, cmds, stop })
+        Ok((Handle { shard, cmds, stop }, session))
     }
 }
