@@ -1049,6 +1049,42 @@ mod tests {
     }
 
     #[test]
+    fn a_redis_cluster_takes_comma_separated_seeds_and_names_the_key_when_they_are_bad() {
+        let load = |url: &str| {
+            Config::load(
+                None,
+                env(&[
+                    ("ROOMCAST__BUS__KIND", "redis-cluster"),
+                    ("ROOMCAST__BUS__REDIS__URL", url),
+                ]),
+            )
+        };
+        match load("redis://10.0.0.1:7000, redis://:secret@10.0.0.2:7000")
+            .unwrap()
+            .bus
+        {
+            BusConfig::Redis(r) => {
+                assert!(r.cluster);
+                assert_eq!(
+                    r.seeds,
+                    ["redis://10.0.0.1:7000", "redis://:secret@10.0.0.2:7000"]
+                );
+                assert!(!format!("{r:?}").contains("secret"), "{r:?}");
+            }
+            other => panic!("expected redis bus, got {other:?}"),
+        }
+        for bad in [
+            "",
+            " , ",
+            "redis://a:1,http://b:2",
+            "redis://a:1,rediss://b:2",
+        ] {
+            let err = load(bad).unwrap_err().to_string();
+            assert!(err.starts_with("bus.redis.url:"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let cases = [
             ("ROOMCAST__BUS__KIND", "kafka", "bus.kind"),
