@@ -146,7 +146,8 @@ pub async fn run(
             "bus: memory (single node: messages do not reach other nodes; set bus.kind = \"redis\" for several)"
         ),
         crate::config::BusConfig::Redis(r) => {
-            tracing::info!(url = %crate::config::redact_url(&r.url), "bus: redis")
+            let kind = if r.cluster { "redis-cluster" } else { "redis" };
+            tracing::info!(url = %crate::config::redact_url(&r.url), "bus: {kind}")
         }
     }
     let bus = bus::start(

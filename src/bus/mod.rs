@@ -7,8 +7,8 @@
 //! [`Deliver`] (the hub). Neither side knows the other's type.
 //!
 //! Backends: `memory` (one node, no Redis) and `redis` (pub/sub, one channel
-//! per topic, named by [`Topic::channel`]). Redis Cluster (sharded pub/sub)
-//! would be a further module behind the same trait.
+//! per topic, named by [`Topic::channel`]; on a single Redis or, sharded, on
+//! a Redis Cluster).
 //!
 //! History: a [`Message`] of a history room carries its namespace's
 //! [`History`] rule; the backend stamps it with the room's next seq and
