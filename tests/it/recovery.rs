@@ -227,6 +227,7 @@ fn summary(outcomes: &[(&str, Outcomes)]) -> String {
 /// into a history room throughout; `fault` strikes Redis (started with
 /// `args`, which a restart keeps) mid-stream.
 async fn survives(args: Vec<String>, fault: impl AsyncFnOnce(&mut Option<Redis>, u16, &[String])) {
+    let _alone = REDIS_FAULTS.lock().await;
     let redis = Redis::start_with(|| args.clone()).await;
     let port = redis.port;
     let a = Node::ready(history_config(&redis, "a")).await;

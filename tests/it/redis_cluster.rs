@@ -363,6 +363,7 @@ async fn next_msg(c: &mut Client) -> (String, serde_json::Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rooms_spread_over_the_shards_and_each_message_reaches_exactly_its_clients_once() {
+    let _alone = REDIS_FAULTS.lock().await;
     let cluster = RedisCluster::start().await;
     let nodes = [
         cluster_node(&cluster, "a").await,
@@ -514,6 +515,7 @@ async fn rooms_spread_over_the_shards_and_each_message_reaches_exactly_its_clien
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_killed_fails_over_and_a_history_room_loses_no_acked_message() {
     const ROOM: &str = "h:failover";
+    let _alone = REDIS_FAULTS.lock().await;
     let mut cluster = RedisCluster::start().await;
     let a = cluster_node(&cluster, "a").await;
     let b = cluster_node(&cluster, "b").await;
@@ -536,6 +538,7 @@ async fn a_primary_killed_fails_over_and_a_history_room_loses_no_acked_message()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_migrated_under_a_live_history_room_keeps_it_flowing_without_a_gap() {
     const ROOM: &str = "h:moving";
+    let _alone = REDIS_FAULTS.lock().await;
     let cluster = RedisCluster::start().await;
     let a = cluster_node(&cluster, "a").await;
     let b = cluster_node(&cluster, "b").await;

@@ -71,6 +71,12 @@ pub fn free_port() -> u16 {
 
 // ---------------------------------------------------------------- Redis
 
+/// Held by the tests that kill or freeze Redis processes mid-stream (the
+/// Redis-fault and Redis Cluster tests), so that they do not run at once:
+/// six cluster processes starving a Redis that is being killed would widen
+/// the windows those tests measure, not test roomcast.
+pub static REDIS_FAULTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A private `redis-server` on a free port, killed on drop.
 pub struct Redis {
     pub port: u16,
