@@ -158,13 +158,8 @@ impl RedisCluster {
 
     /// The port of the primary serving room `room`'s channel.
     pub async fn owner(&self, room: &str) -> u16 {
-        let slot = self.slot(&format!("roomcast:room:{room}")).await;
-        self.slots()
+        self.owner_of_slot(self.slot(&format!("roomcast:room:{room}")).await)
             .await
-            .into_iter()
-            .find(|(a, b, _)| (*a..=*b).contains(&slot))
-            .map(|(_, _, p)| p)
-            .expect("every slot has a primary")
     }
 
     /// Room channels subscribed on the node at `port` (PUBSUB SHARDCHANNELS).
@@ -253,13 +248,7 @@ impl RedisCluster {
     /// the way `redis-cli --cluster reshard` does: IMPORTING/MIGRATING,
     /// MIGRATE the keys, then SETSLOT NODE on every primary.
     pub async fn migrate(&self, slot: u16, to: u16) {
-        let from = self
-            .slots()
-            .await
-            .into_iter()
-            .find(|(a, b, _)| (*a..=*b).contains(&slot))
-            .map(|(_, _, p)| p)
-            .expect("owner");
+        let from = self.owner_of_slot(slot).await;
         let id =
             |port: u16| async move { self.node(port).cmd::<String>(&["CLUSTER", "MYID"]).await };
         let (from_id, to_id) = (id(from).await, id(to).await);
@@ -305,6 +294,7 @@ impl RedisCluster {
         .await;
     }
 
+    /// The port of the primary serving `slot`.
     async fn owner_of_slot(&self, slot: u16) -> u16 {
         self.slots()
             .await

@@ -435,12 +435,11 @@ impl Session {
             }
             if adopted {
                 // Published while the room was between shards: from history.
-                let keys: HashSet<&str> = topics
+                let keys: HashSet<String> = topics
                     .iter()
                     .filter(|t| self.desired.contains(*t))
-                    .map(|t| t.key())
+                    .map(|t| t.key().to_owned())
                     .collect();
-                let keys: HashSet<String> = keys.into_iter().map(str::to_owned).collect();
                 self.catch_up(conn, scripts, Some(&keys)).await;
             }
         }
