@@ -209,9 +209,12 @@ pub async fn room(gw: Arc<Gateway>, encoded: &str) -> Response<Body> {
     if let Err(r) = protocol::check_room(&room) {
         return refuse_with(&r);
     }
-    let total = gw.presence.room(&room);
-    let watch = match gw.bus.watch_seconds(&room).await {
-        Ok(seconds) => seconds,
+    let read = futures::future::try_join(
+        gw.presence.room(&room, &*gw.bus),
+        gw.bus.watch_seconds(&room),
+    );
+    let (total, watch) = match read.await {
+        Ok(read) => read,
         Err(e) => return refuse(e.code(), &e.to_string()),
     };
     let body = serde_json::json!({
@@ -226,7 +229,7 @@ pub async fn room(gw: Arc<Gateway>, encoded: &str) -> Response<Body> {
 /// `GET /api/rooms?prefix=…&limit=…`: the busiest rooms whose names start
 /// with `prefix` (default: all), most online first, then by name:
 /// `{"rooms":[{"room":…,"online":…},…]}`; `limit` 1–1000, default 50.
-pub fn rooms(gw: &Gateway, query: &str) -> Response<Body> {
+pub async fn rooms(gw: &Gateway, query: &str) -> Response<Body> {
     let mut prefix = String::new();
     let mut limit = DEFAULT_ROOMS;
     for (key, value) in form_urlencoded::parse(query.as_bytes()) {
@@ -250,12 +253,13 @@ pub fn rooms(gw: &Gateway, query: &str) -> Response<Body> {
             "prefix must be the start of a room name (up to 128 characters of A-Z a-z 0-9 _ - . : @)",
         );
     }
-    let rooms: Vec<serde_json::Value> = gw
-        .presence
-        .busiest(&prefix, limit)
-        .into_iter()
-        .map(|(room, online)| serde_json::json!({"room": room, "online": online}))
-        .collect();
+    let rooms: Vec<serde_json::Value> = match gw.presence.busiest(&prefix, limit, &*gw.bus).await {
+        Ok(rooms) => rooms
+            .into_iter()
+            .map(|(room, online)| serde_json::json!({"room": room, "online": online}))
+            .collect(),
+        Err(e) => return refuse(e.code(), &e.to_string()),
+    };
     let body = serde_json::json!({ "rooms": rooms }).to_string();
     json_response(StatusCode::OK, body.into_bytes())
 }

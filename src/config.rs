@@ -241,7 +241,7 @@ pub struct PresenceConfig {
     pub watch_ttl: Duration,
 }
 
-/// Shortest `presence.report_interval`: every node reads every node's
+/// Shortest `presence.report_interval`: every node reads its rooms'
 /// counts four times per interval.
 pub const MIN_REPORT_INTERVAL: Duration = Duration::from_millis(100);
 

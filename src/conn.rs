@@ -69,10 +69,26 @@ pub fn serve(gw: Arc<Gateway>, accepted: Accepted) -> impl std::future::Future<O
     conn.serve(held)
 }
 
-/// URL rooms of a history namespace, held until their replay is read:
-/// (room, its rule, what to replay). Boxed: 8 bytes in the connection's
-/// state, which most connections (no history room in the URL) never fill.
-type Held = Option<Box<Vec<(Topic, History, Replay)>>>;
+/// What the opening of a connection left to do before it serves, boxed: 8
+/// bytes in the connection's state, which most connections never fill.
+type Held = Option<Box<Opening>>;
+
+#[derive(Default)]
+struct Opening {
+    /// URL rooms of a history namespace, held until their replay is read:
+    /// (room, its rule, what to replay).
+    history: Vec<(Topic, History, Replay)>,
+    /// URL rooms this node had not read the presence of: their presence
+    /// frame follows that read.
+    unread: Vec<Topic>,
+}
+
+/// A JSON client's number for a room it just joined.
+fn presence_frame(peer: &Peer, topic: &Topic, online: u64) {
+    if let (Format::Json, Target::Room(room)) = (peer.format, topic.target()) {
+        peer.send(&protocol::presence_frame(room, online));
+    }
+}
 
 struct Conn {
     gw: Arc<Gateway>,
@@ -131,6 +147,7 @@ impl Conn {
                     });
                     gw.hub.hold(&topic, &peer);
                     held.get_or_insert_with(Default::default)
+                        .history
                         .push((topic, rule, replay));
                 }
                 None => {
@@ -141,9 +158,12 @@ impl Conn {
             drop(pin);
         }
         for topic in &rooms {
-            let online = gw.presence.joined(topic);
-            if let (Format::Json, Target::Room(room)) = (peer.format, topic.target()) {
-                peer.send(&protocol::presence_frame(room, online));
+            match gw.presence.joined(topic) {
+                Some(online) => presence_frame(&peer, topic, online),
+                None => held
+                    .get_or_insert_with(Default::default)
+                    .unread
+                    .push(topic.clone()),
             }
         }
         let reader = FrameReader::new(
@@ -184,7 +204,7 @@ impl Conn {
         async move {
             if let Some(held) = held {
                 // Boxed, like the closing phase: rare, and large.
-                Box::pin(self.join_held(*held)).await;
+                Box::pin(self.finish_opening(*held)).await;
             }
             self.run().await;
             let (gw, peer) = (&self.gw, &self.peer);
@@ -211,14 +231,19 @@ impl Conn {
         }
     }
 
-    /// Join the URL's history rooms (held since the connection opened):
-    /// each gets its ack, replay and presence frame as a `join` would.
-    async fn join_held(&mut self, held: Vec<(Topic, History, Replay)>) {
+    /// The presence frames of the URL's rooms that needed a read, then the
+    /// URL's history rooms (held since the connection opened): each gets
+    /// its ack, replay and presence frame as a `join` would.
+    async fn finish_opening(&mut self, held: Opening) {
+        for topic in &held.unread {
+            let online = self.gw.presence.first_read(topic, &*self.gw.bus).await;
+            presence_frame(&self.peer, topic, online);
+        }
         let link = NodeLink {
             gw: &self.gw,
             peer: &self.peer,
         };
-        for (topic, rule, replay) in held {
+        for (topic, rule, replay) in held.history {
             self.session.join_held(&link, topic, rule, replay).await;
         }
     }

@@ -345,7 +345,7 @@ async fn answer(edge: &Edge, peer: SocketAddr, req: Request<Incoming>) -> Respon
             json_response(status, body.to_string().into_bytes())
         }
         (&Method::POST, "/api/publish") => api::publish(gw, req).await,
-        (&Method::GET, "/api/rooms") => api::rooms(&gw, req.uri().query().unwrap_or("")),
+        (&Method::GET, "/api/rooms") => api::rooms(&gw, req.uri().query().unwrap_or("")).await,
         (&Method::GET, p) if p.starts_with(ROOMS) => api::room(gw, &p[ROOMS.len()..]).await,
         (_, "/ws" | "/metrics" | "/healthz" | "/readyz" | "/api/publish" | "/api/rooms") => {
             refuse(ErrorCode::MethodNotAllowed, "method not allowed")

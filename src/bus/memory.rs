@@ -167,21 +167,32 @@ impl Bus for MemoryBus {
         !self.tx.is_closed()
     }
 
-    fn presence<'a>(&'a self, report: Report<'a>) -> BoxFuture<'a, Result<Snapshot, BusError>> {
-        let watch = match report {
-            Report::Read { .. } => None,
-            Report::Counts { watch, .. } | Report::Leaving { watch } => Some(watch),
+    /// One node: nobody else reports; only the watch time is kept.
+    fn presence<'a>(&'a self, report: Report<'a>) -> BoxFuture<'a, Snapshot> {
+        let answer = report.rooms().iter().map(|_| Ok(Vec::new())).collect();
+        let (rooms, ttl, nodes) = match report {
+            Report::Read { .. } => (&[][..], Duration::ZERO, Some(0)),
+            Report::Counts {
+                rooms, watch_ttl, ..
+            } => (rooms, watch_ttl, Some(0)),
+            Report::Leaving { rooms, watch_ttl } => (rooms, watch_ttl, None),
         };
-        if let Some(watch) = watch {
-            let now = Instant::now();
-            let mut rooms = self.watch.lock();
-            rooms.retain(|_, (_, expires)| *expires > now);
-            for (room, seconds) in watch.seconds {
-                let entry = rooms.entry(room.to_string()).or_insert((0.0, now));
-                *entry = (entry.0 + seconds, now + watch.ttl);
-            }
+        let now = Instant::now();
+        let mut watched = self.watch.lock();
+        watched.retain(|_, (_, expires)| *expires > now);
+        for r in rooms.iter().filter(|r| r.watch > 0.0) {
+            let entry = watched.entry(r.room.to_string()).or_insert((0.0, now));
+            *entry = (entry.0 + r.watch, now + ttl);
         }
-        futures::future::ready(Ok(Snapshot::default())).boxed()
+        futures::future::ready(Snapshot {
+            rooms: answer,
+            nodes,
+        })
+        .boxed()
+    }
+
+    fn reported_rooms(&self) -> BoxFuture<'_, Result<HashMap<String, u64>, BusError>> {
+        futures::future::ready(Ok(HashMap::new())).boxed()
     }
 
     fn watch_seconds<'a>(&'a self, room: &'a str) -> BoxFuture<'a, Result<f64, BusError>> {

@@ -19,7 +19,8 @@
 //!
 //! Presence goes through the bus too ([`Bus::presence`]): each node's
 //! per-room counts and watch time, and what the other live nodes reported
-//! (`presence/` decides when and what; the backend only stores and reads).
+//! in those rooms (`presence/` decides when and what; the backend only
+//! stores and reads).
 
 mod memory;
 mod redis;
@@ -147,51 +148,71 @@ impl BusError {
 pub type PublishResult = Result<Published, BusError>;
 
 /// What a node tells the bus on one presence round trip (`presence/`).
+/// Everything is kept per room, in the room's own keys (on a Redis Cluster,
+/// in the room's slot), so presence divides over shards like rooms do.
 #[derive(Debug)]
 pub enum Report<'a> {
-    /// Nothing new: only read what the other nodes reported.
-    Read { known: Known<'a> },
-    /// This node's rooms and their local member counts, replacing its last
-    /// report; readers count it for `fresh_for` (measured on the bus's clock).
-    /// Then read the others.
+    /// Nothing to store: read what the other nodes reported in these rooms.
+    Read { rooms: &'a [&'a str] },
+    /// This node's count in each room (0: it left the room since its last
+    /// report, so its count there goes), counted by readers for
+    /// `fresh_for` on the bus's clock, and the viewer-seconds to add; then
+    /// read the rooms. It also renews this node in the list of live nodes.
     Counts {
-        rooms: &'a [(&'a str, u64)],
+        rooms: &'a [RoomReport<'a>],
         fresh_for: Duration,
-        watch: Watch<'a>,
-        known: Known<'a>,
+        watch_ttl: Duration,
     },
-    /// This node is leaving: its counts are removed at once.
-    Leaving { watch: Watch<'a> },
+    /// This node is leaving: its counts in these rooms go at once (the
+    /// counts in the reports are ignored), and the last viewer-seconds
+    /// are added.
+    Leaving {
+        rooms: &'a [RoomReport<'a>],
+        watch_ttl: Duration,
+    },
 }
 
-/// The (node, version) of the reports the reader already holds: those come
-/// back without their counts, so a read moves each report once.
-pub type Known<'a> = &'a [(&'a str, &'a str)];
-
-/// Viewer-seconds to add to rooms' watch time, kept `ttl` after the last addition.
-#[derive(Debug)]
-pub struct Watch<'a> {
-    pub seconds: &'a [(&'a str, f64)],
-    pub ttl: Duration,
+impl Report<'_> {
+    /// The rooms this report is about, in order.
+    pub fn rooms(&self) -> Vec<&str> {
+        match self {
+            Report::Read { rooms } => rooms.to_vec(),
+            Report::Counts { rooms, .. } | Report::Leaving { rooms, .. } => {
+                rooms.iter().map(|r| r.room).collect()
+            }
+        }
+    }
 }
 
-/// What the other live nodes reported (this node is never in it).
+/// One room in a report.
+#[derive(Debug, Clone, Copy)]
+pub struct RoomReport<'a> {
+    pub room: &'a str,
+    /// Connections in the room on this node.
+    pub online: u64,
+    /// Viewer-seconds since the last report (added to the room's watch
+    /// time, kept `watch_ttl` after its last addition).
+    pub watch: f64,
+}
+
+/// What a presence round trip answered.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    pub nodes: Vec<NodeCounts>,
+    /// Per room of the report, in its order: the other live nodes' counts
+    /// there, or why that room's keys could not be reached (then nothing of
+    /// the room's report was stored either, unless `Unconfirmed`).
+    pub rooms: Vec<Result<Vec<Count>, BusError>>,
+    /// How many other nodes are live; `None` if the bus could not say (or
+    /// did not store this node's own record of a `Counts`).
+    pub nodes: Option<usize>,
 }
 
-/// One live node's last report.
-#[derive(Debug)]
-pub struct NodeCounts {
-    pub node: String,
-    /// Which report this is (another report has another version).
-    pub version: String,
-    /// How much longer this report counts, from when the bus read it.
+/// One other node's count in a room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Count {
+    pub online: u64,
+    /// How much longer it counts, from when the bus read it.
     pub fresh_for: Duration,
-    /// Room name → local members on that node; `None` when the reader said
-    /// it holds this version already.
-    pub rooms: Option<HashMap<String, u64>>,
 }
 
 pub trait Bus: Send + Sync + 'static {
@@ -214,9 +235,13 @@ pub trait Bus: Send + Sync + 'static {
     fn is_up(&self) -> bool;
 
     /// Store `report` (if any) and answer what the other live nodes
-    /// reported, in one round trip. A node whose report is older than its
-    /// `fresh_for` is not in the answer (and its keys are removed).
-    fn presence<'a>(&'a self, report: Report<'a>) -> BoxFuture<'a, Result<Snapshot, BusError>>;
+    /// reported in its rooms, in one round trip per shard. A count older
+    /// than its `fresh_for` is not in the answer (and is removed).
+    fn presence<'a>(&'a self, report: Report<'a>) -> BoxFuture<'a, Snapshot>;
+
+    /// Every room the other live nodes reported, with the sum of their
+    /// counts (for the busiest-rooms list; read on request, not on a timer).
+    fn reported_rooms(&self) -> BoxFuture<'_, Result<HashMap<String, u64>, BusError>>;
 
     /// A room's watch time: viewer-seconds over every node, as reported.
     fn watch_seconds<'a>(&'a self, room: &'a str) -> BoxFuture<'a, Result<f64, BusError>>;

@@ -29,8 +29,10 @@
 //! connections are replaced together, so the first publish after a shard is
 //! up again uses a fresh connection.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::future::{join_all, BoxFuture};
 use futures::FutureExt;
@@ -50,19 +52,21 @@ mod subscriber;
 mod topology;
 
 use super::{
-    Bus, BusError, Deliver, Message, Page, Pick, PublishResult, Published, Report, Snapshot, SubCmd,
+    Bus, BusError, Count, Deliver, Message, Page, Pick, PublishResult, Published, Report, Snapshot,
+    SubCmd,
 };
 use crate::config::RedisConfig;
 use crate::metrics::Metrics;
 use crate::namespace::History;
 use crate::topic::Topic;
 use history::Scripts;
+use presence::Mode;
 use topology::Topology;
 
 struct RedisBus {
     config: RedisConfig,
-    /// This node's presence keys (and everyone's, by prefix).
-    presence: presence::Keys,
+    /// The per-node keys of presence.
+    presence: presence::Nodes,
     node_id: String,
     metrics: Arc<Metrics>,
     /// The shards and which serves which slot (set by the router).
@@ -111,6 +115,9 @@ impl Shard {
         })
     }
 }
+
+/// A shard and the indices of the commands (or messages) it serves.
+type ShardGroup = (Arc<Shard>, Vec<usize>);
 
 /// A publishing connection, the generation it belongs to, and the SHA-1s
 /// of the history scripts as loaded on it.
@@ -209,18 +216,7 @@ impl RedisBus {
     ) -> PublishResult {
         let reply = match reply {
             Ok(reply) => reply,
-            // Redis refused this command (NOSCRIPT, a script error, MOVED,
-            // CLUSTERDOWN): it did not run.
-            Err(e) => {
-                if e.redirect_node().is_some() {
-                    self.refresh.notify_one();
-                } else {
-                    shard.suspect.notify_one();
-                }
-                return Err(BusError::Unavailable(format!(
-                    "redis refused the publish: {e}"
-                )));
-            }
+            Err(e) => return Err(self.refused(shard, "publish", e)),
         };
         if history {
             // Stored in the room's history: every node subscribed then gets it,
@@ -242,6 +238,86 @@ impl RedisBus {
                 "redis connection was lost; some nodes may not have received the message".into(),
             )),
         }
+    }
+
+    /// Redis refused one command of a pipeline (NOSCRIPT, a script error,
+    /// MOVED, CLUSTERDOWN): it did not run.
+    fn refused(&self, shard: &Shard, what: &str, e: redis::RedisError) -> BusError {
+        if e.redirect_node().is_some() {
+            self.refresh.notify_one();
+        } else {
+            shard.suspect.notify_one();
+        }
+        BusError::Unavailable(format!("redis refused the {what}: {e}"))
+    }
+
+    /// Group `keys` (channels or keys) by the shard serving them: the
+    /// indices of each shard's, in order, and the keys no shard serves.
+    fn by_shard<'k>(
+        &self,
+        keys: impl Iterator<Item = &'k [u8]>,
+    ) -> (Vec<ShardGroup>, Vec<(usize, BusError)>) {
+        let (mut groups, mut homeless) = (Vec::<ShardGroup>::new(), Vec::new());
+        for (i, key) in keys.enumerate() {
+            match self.shard(key) {
+                Ok(shard) => match groups.iter_mut().find(|(s, _)| Arc::ptr_eq(s, &shard)) {
+                    Some((_, group)) => group.push(i),
+                    None => groups.push((shard, vec![i])),
+                },
+                Err(e) => homeless.push((i, e)),
+            }
+        }
+        (groups, homeless)
+    }
+
+    /// Run `cmds` (each with a key that routes it), one pipeline per shard,
+    /// all shards at once: each command's reply, in the same order.
+    async fn on_shards(
+        &self,
+        what: &str,
+        cmds: &[(String, redis::Cmd)],
+    ) -> Vec<Result<redis::Value, BusError>> {
+        let mut results: Vec<Option<Result<redis::Value, BusError>>> = vec![None; cmds.len()];
+        let (groups, homeless) = self.by_shard(cmds.iter().map(|(key, _)| key.as_bytes()));
+        for (i, e) in homeless {
+            results[i] = Some(Err(e));
+        }
+        let run = |shard: Arc<Shard>, indices: Vec<usize>| async move {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for &i in &indices {
+                pipe.add_command(cmds[i].1.clone());
+            }
+            let replies = match shard.connection() {
+                Err(e) => Err(e),
+                Ok(Publisher { mut conn, .. }) => {
+                    let query =
+                        pipe.query_async::<Vec<redis::RedisResult<redis::Value>>>(&mut conn);
+                    match timeout(self.config.timeout, query).await {
+                        Ok(Ok(replies)) => Ok(replies),
+                        Ok(Err(e)) => Err(self.failed(&shard, what, Some(e))),
+                        Err(_) => Err(self.failed(&shard, what, None)),
+                    }
+                }
+            };
+            let answers: Vec<Result<redis::Value, BusError>> = match replies {
+                Ok(replies) => replies
+                    .into_iter()
+                    .map(|r| r.map_err(|e| self.refused(&shard, what, e)))
+                    .collect(),
+                Err(e) => indices.iter().map(|_| Err(e.clone())).collect(),
+            };
+            (indices, answers)
+        };
+        for (indices, answers) in join_all(groups.into_iter().map(|(s, i)| run(s, i))).await {
+            for (i, answer) in indices.into_iter().zip(answers) {
+                results[i] = Some(answer);
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(BusError::Unavailable("not sent".into()))))
+            .collect()
     }
 
     /// A command on a publishing connection failed (or timed out, `None`):
@@ -356,15 +432,10 @@ impl Bus for RedisBus {
                 return self.publish_on(&routes.shards[0], items, &all).await;
             }
             let mut results: Vec<Option<PublishResult>> = vec![None; items.len()];
-            let mut groups: Vec<(Arc<Shard>, Vec<usize>)> = Vec::new();
-            for (i, m) in items.iter().enumerate() {
-                match self.shard(self.channel(&m.topic).as_bytes()) {
-                    Ok(shard) => match groups.iter_mut().find(|(s, _)| Arc::ptr_eq(s, &shard)) {
-                        Some((_, group)) => group.push(i),
-                        None => groups.push((shard, vec![i])),
-                    },
-                    Err(e) => results[i] = Some(Err(e)),
-                }
+            let channels: Vec<String> = items.iter().map(|m| self.channel(&m.topic)).collect();
+            let (groups, homeless) = self.by_shard(channels.iter().map(|c| c.as_bytes()));
+            for (i, e) in homeless {
+                results[i] = Some(Err(e));
             }
             let answers = join_all(
                 groups
@@ -418,29 +489,139 @@ impl Bus for RedisBus {
         self.up.load(Ordering::Acquire)
     }
 
-    /// One script on the shard of the presence keys (see `redis/presence.rs`).
-    fn presence<'a>(&'a self, report: Report<'a>) -> BoxFuture<'a, Result<Snapshot, BusError>> {
+    /// The rooms' script calls, grouped by slot (on a cluster) in calls of
+    /// at most [`presence::ROOMS_PER_CALL`], and the node's own keys, all
+    /// shards at once (see `redis/presence.rs`).
+    fn presence<'a>(&'a self, report: Report<'a>) -> BoxFuture<'a, Snapshot> {
         async move {
-            let shard = self.shard(self.presence.slot_key().as_bytes())?;
-            let mut conn = shard.connection()?.conn;
-            let cmd = presence::exchange(&self.presence, &self.node_id, &report);
-            match timeout(
-                self.config.timeout,
-                cmd.query_async::<presence::Reply>(&mut conn),
-            )
-            .await
-            {
-                Ok(Ok(reply)) => Ok(presence::snapshot(reply)),
-                Ok(Err(e)) => Err(self.failed(&shard, "presence", Some(e))),
-                Err(_) => Err(self.failed(&shard, "presence", None)),
+            let (mode, fresh, watch_ttl) = match &report {
+                Report::Read { .. } => (Mode::Read, Duration::ZERO, Duration::ZERO),
+                Report::Counts {
+                    fresh_for,
+                    watch_ttl,
+                    ..
+                } => (Mode::Counts, *fresh_for, *watch_ttl),
+                Report::Leaving { watch_ttl, .. } => (Mode::Leaving, Duration::ZERO, *watch_ttl),
+            };
+            let entries: Vec<(String, u64, f64)> = match &report {
+                Report::Read { rooms } => rooms
+                    .iter()
+                    .map(|room| (self.channel(&Topic::room(room)), 0, 0.0))
+                    .collect(),
+                Report::Counts { rooms, .. } | Report::Leaving { rooms, .. } => rooms
+                    .iter()
+                    .map(|r| (self.channel(&Topic::room(r.room)), r.online, r.watch))
+                    .collect(),
+            };
+            let mut by_slot: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
+            for (i, (channel, _, _)) in entries.iter().enumerate() {
+                let slot = if self.config.cluster {
+                    topology::slot(channel.as_bytes())
+                } else {
+                    0
+                };
+                by_slot.entry(slot).or_default().push(i);
             }
+            let calls: Vec<&[usize]> = by_slot
+                .values()
+                .flat_map(|rooms| rooms.chunks(presence::ROOMS_PER_CALL))
+                .collect();
+            let times = presence::Times { fresh, watch_ttl };
+            let mut cmds: Vec<(String, redis::Cmd)> = calls
+                .iter()
+                .map(|rooms| {
+                    let group: Vec<(String, u64, f64)> =
+                        rooms.iter().map(|&i| entries[i].clone()).collect();
+                    let cmd = presence::rooms(mode, &self.node_id, times, &group);
+                    (group[0].0.clone(), cmd)
+                })
+                .collect();
+            let live = self.presence.live(mode, &self.node_id, fresh);
+            cmds.push((self.presence.set().to_owned(), live));
+            if mode != Mode::Read {
+                let own: Vec<(&str, u64)> = match &report {
+                    Report::Counts { rooms, .. } => rooms
+                        .iter()
+                        .filter(|r| r.online > 0)
+                        .map(|r| (r.room, r.online))
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                let replace = self.presence.replace(&self.node_id, &own, fresh);
+                cmds.push((self.presence.rooms_of(&self.node_id), replace));
+            }
+            let mut replies = self.on_shards("presence", &cmds).await;
+            let replaced = match mode {
+                Mode::Read => Ok(redis::Value::Nil),
+                _ => replies.pop().unwrap_or(Ok(redis::Value::Nil)),
+            };
+            let nodes = match replies.pop().map(|r| r.map(presence::live)) {
+                Some(Ok(Some(live))) if replaced.is_ok() => {
+                    Some(live.iter().filter(|n| **n != self.node_id).count())
+                }
+                _ => None,
+            };
+            let mut rooms: Vec<Result<Vec<Count>, BusError>> =
+                vec![Err(BusError::Unavailable("not sent".into())); entries.len()];
+            for (call, reply) in calls.iter().zip(replies) {
+                let counts = reply.and_then(|value| {
+                    presence::counts(value, call.len()).ok_or_else(|| {
+                        BusError::Unconfirmed("redis answered the presence script oddly".into())
+                    })
+                });
+                match counts {
+                    Ok(counts) => {
+                        for (&i, room) in call.iter().zip(counts) {
+                            rooms[i] = Ok(room);
+                        }
+                    }
+                    Err(e) => {
+                        for &i in call.iter() {
+                            rooms[i] = Err(e.clone());
+                        }
+                    }
+                }
+            }
+            Snapshot { rooms, nodes }
+        }
+        .boxed()
+    }
+
+    /// The live nodes, then every other live node's rooms hash.
+    fn reported_rooms(&self) -> BoxFuture<'_, Result<HashMap<String, u64>, BusError>> {
+        async move {
+            let set = self.presence.set().to_owned();
+            let live = self
+                .presence
+                .live(Mode::Read, &self.node_id, Duration::ZERO);
+            let reply = self.on_shards("presence read", &[(set, live)]).await;
+            let odd = || BusError::Unavailable("redis answered the presence read oddly".into());
+            let nodes = match reply.into_iter().next() {
+                Some(Ok(value)) => presence::live(value).ok_or_else(odd)?,
+                Some(Err(e)) => return Err(e),
+                None => return Err(odd()),
+            };
+            let reads: Vec<(String, redis::Cmd)> = nodes
+                .iter()
+                .filter(|n| **n != self.node_id)
+                .map(|n| {
+                    let key = self.presence.rooms_of(n);
+                    let cmd = redis::cmd("HGETALL").arg(&key).to_owned();
+                    (key, cmd)
+                })
+                .collect();
+            let mut sums = HashMap::new();
+            for reply in self.on_shards("presence read", &reads).await {
+                presence::add_rooms(reply?, &mut sums).ok_or_else(odd)?;
+            }
+            Ok(sums)
         }
         .boxed()
     }
 
     fn watch_seconds<'a>(&'a self, room: &'a str) -> BoxFuture<'a, Result<f64, BusError>> {
         async move {
-            let key = self.presence.watch(room);
+            let [_, key] = presence::room_keys(&self.channel(&Topic::room(room)));
             let shard = self.shard(key.as_bytes())?;
             let mut conn = shard.connection()?.conn;
             let get = redis::cmd("GET").arg(key).to_owned();
@@ -498,7 +679,7 @@ pub fn start(
         })
         .collect();
     let bus = Arc::new(RedisBus {
-        presence: presence::Keys::new(&config.channel_prefix, node_id),
+        presence: presence::Nodes::new(&config.channel_prefix),
         node_id: node_id.to_owned(),
         config,
         metrics: metrics.clone(),

@@ -3,13 +3,18 @@
 //!
 //! One node-wide task (two loops, [`run`]):
 //! - The *reporter* (`report.rs`) ticks every quarter of
-//!   `presence.report_interval` (I). Every I it reports this node's
-//!   per-room member counts through the bus (replacing its previous report,
-//!   counted by readers for 1.5 I on the bus's clock) and the viewer-seconds
-//!   since its last report; on every tick it reads what the other live nodes
-//!   reported. The answer replaces the node's [`Cluster`] view. A node
-//!   shutting down gracefully reports that it is leaving, and its counts are
-//!   removed at once.
+//!   `presence.report_interval` (I). Every I it reports this node's count
+//!   in each of its rooms through the bus (counted by readers for 1.5 I on
+//!   the bus's clock; a room it left since goes) and the viewer-seconds
+//!   since its last report; on every tick it reads what the other live
+//!   nodes reported in this node's rooms. The answer replaces the node's
+//!   [`Cluster`] view (a room whose shard did not answer keeps its counts
+//!   until they run out). The bus keeps it all per room, in the room's
+//!   keys, so that on a Redis Cluster it divides over the shards. A node
+//!   shutting down gracefully reports that it is leaving, and its counts
+//!   are removed at once. The first join of a room the view does not have
+//!   reads the room first ([`Presence::first_read`]). `GET /api/rooms…`
+//!   read the bus at each request.
 //! - The *announcer* (`announce.rs`) sends
 //!   `{"op":"presence","room":…,"online":N}` to the JSON members of a local
 //!   room when the number they would be shown changed, at most once per
@@ -29,9 +34,9 @@
 //! 1.75 I after the death (plus that read's round trip, and the reader's
 //! own tick jitter): within 2 I. With different intervals per node it is
 //! 1.5 × the dead node's interval + 1/4 of the reader's. When the reader
-//! cannot reach the bus, it drops each node of its last view at the end of
-//! that node's 1.5 I (checked on the same ticks), so the bound holds then
-//! too. Frames follow the next view, within the throttle.
+//! cannot reach the bus (or a room's shard), it drops each count of its
+//! last view at the end of its 1.5 I (checked on the same ticks), so the
+//! bound holds then too. Frames follow the next view, within the throttle.
 //!
 //! Counted are connections in a room (JSON and raw), not distinct users;
 //! presence frames go to JSON clients only (raw mode has no envelopes), and
@@ -48,7 +53,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::Snapshot;
+use crate::bus::{Bus, BusError, Count, Report, Snapshot};
 use crate::config::PresenceConfig;
 use crate::gateway::Gateway;
 use crate::hub::Hub;
@@ -64,93 +69,81 @@ pub struct Total {
     pub nodes: u32,
 }
 
-/// What the other live nodes reported, as this node last read it.
+/// What the other live nodes reported in this node's rooms, as this node
+/// last read it.
 #[derive(Default)]
 struct Cluster {
-    nodes: Vec<Other>,
-    /// Room → the sum over `nodes`.
+    /// Room → the other nodes' counts there, each with when it stops
+    /// counting on this node's clock (early rather than late: measured from
+    /// before the read was sent). A room read and found empty is here too.
+    rooms: HashMap<String, Vec<(u64, Instant)>>,
+    /// Room → the sum over `rooms`.
     totals: Arc<HashMap<String, Total>>,
-}
-
-/// One other node's report.
-#[derive(Clone)]
-struct Other {
-    node: String,
-    /// Which of its reports (see `Known`): a read does not send it again.
-    version: String,
-    /// When its report stops counting, on this node's clock (early rather
-    /// than late: measured from before the read was sent).
-    until: Instant,
-    rooms: Arc<HashMap<String, u64>>,
+    /// How many other nodes are live, as last reported.
+    nodes: usize,
 }
 
 impl Cluster {
-    fn new(nodes: Vec<Other>) -> Cluster {
-        let mut totals: HashMap<String, Total> = HashMap::new();
-        for node in &nodes {
-            for (room, &count) in node.rooms.iter().filter(|(_, &n)| n > 0) {
-                let total = totals.entry(room.clone()).or_default();
-                total.online += count;
-                total.nodes += 1;
-            }
-        }
-        Cluster {
-            nodes,
-            totals: Arc::new(totals),
-        }
-    }
-
-    /// The (node, version) of the reports this view holds.
-    fn known(&self) -> Vec<(&str, &str)> {
-        self.nodes
+    fn new(rooms: HashMap<String, Vec<(u64, Instant)>>, nodes: usize) -> Cluster {
+        let totals = rooms
             .iter()
-            .map(|n| (n.node.as_str(), n.version.as_str()))
-            .collect()
-    }
-
-    /// The view a read sent at `sent` answered, given the view it was sent
-    /// with (whose reports it did not send again).
-    fn read(&self, snapshot: Snapshot, sent: Instant) -> Cluster {
-        let same = snapshot.nodes.len() == self.nodes.len()
-            && snapshot.nodes.iter().all(|n| n.rooms.is_none());
-        let nodes: Vec<Other> = snapshot
-            .nodes
-            .into_iter()
-            .map(|n| {
-                let rooms = n.rooms.map(Arc::new).unwrap_or_else(|| {
-                    // Known, so in this view (an empty one if not: the next
-                    // read, not knowing it, gets it whole).
-                    self.nodes
-                        .iter()
-                        .find(|o| o.node == n.node)
-                        .map(|o| o.rooms.clone())
-                        .unwrap_or_default()
+            .filter_map(|(room, counts)| {
+                let counts = counts.iter().filter(|(n, _)| *n > 0);
+                let total = counts.fold(Total::default(), |t, (n, _)| Total {
+                    online: t.online + n,
+                    nodes: t.nodes + 1,
                 });
-                Other {
-                    node: n.node,
-                    version: n.version,
-                    until: sent + n.fresh_for,
-                    rooms,
-                }
+                (total.online > 0).then(|| (room.clone(), total))
             })
             .collect();
-        match same {
-            // No report changed: the same sums.
-            true => Cluster {
-                nodes,
-                totals: self.totals.clone(),
-            },
-            false => Cluster::new(nodes),
+        Cluster {
+            rooms,
+            totals: Arc::new(totals),
+            nodes,
         }
     }
 
-    /// This view without the reports that ran out by `now`; `None` if none did.
+    /// The view a read of `asked` sent at `sent` answered: each room read
+    /// takes the answer; a room whose shard did not answer keeps what this
+    /// view had; rooms not asked about are no longer this node's concern.
+    fn read(&self, asked: &[&str], snapshot: Snapshot, sent: Instant) -> Cluster {
+        let rooms = asked
+            .iter()
+            .zip(snapshot.rooms)
+            .filter_map(|(room, answer)| {
+                let counts = match answer {
+                    Ok(counts) => counts
+                        .iter()
+                        .map(|c| (c.online, sent + c.fresh_for))
+                        .collect(),
+                    Err(_) => self.rooms.get(*room)?.clone(),
+                };
+                Some((room.to_string(), counts))
+            })
+            .collect();
+        Cluster::new(rooms, snapshot.nodes.unwrap_or(self.nodes))
+    }
+
+    /// This view with `room` as read at `sent` (a join's read of a room
+    /// the view did not have).
+    fn with(&self, room: &str, counts: &[Count], sent: Instant) -> Cluster {
+        let mut rooms = self.rooms.clone();
+        let counts = counts.iter().map(|c| (c.online, sent + c.fresh_for));
+        rooms.insert(room.to_owned(), counts.collect());
+        Cluster::new(rooms, self.nodes)
+    }
+
+    /// This view without the counts that ran out by `now`; `None` if none did.
     fn pruned(&self, now: Instant) -> Option<Cluster> {
-        if self.nodes.iter().all(|n| n.until > now) {
+        let live = |counts: &Vec<(u64, Instant)>| counts.iter().all(|(_, until)| *until > now);
+        if self.rooms.values().all(live) {
             return None;
         }
-        let live = self.nodes.iter().filter(|n| n.until > now);
-        Some(Cluster::new(live.cloned().collect()))
+        let rooms = self.rooms.iter().map(|(room, counts)| {
+            let counts = counts.iter().filter(|(_, until)| *until > now);
+            (room.clone(), counts.copied().collect())
+        });
+        Some(Cluster::new(rooms.collect(), self.nodes))
     }
 
     fn total(&self, room: &str) -> Total {
@@ -193,9 +186,7 @@ impl Presence {
 
     /// A new view; the announcer looks again only if a sum changed.
     fn replace(&self, cluster: Cluster) {
-        self.metrics
-            .presence_nodes
-            .set(cluster.nodes.len() as i64 + 1);
+        self.metrics.presence_nodes.set(cluster.nodes as i64 + 1);
         let changed = {
             let mut current = self.cluster.write();
             let changed =
@@ -217,8 +208,30 @@ impl Presence {
     }
 
     /// A client's join of room `topic` is in effect and acknowledged: tell
-    /// the room (throttled), and answer the number the client is shown.
-    pub fn joined(&self, topic: &Topic) -> u64 {
+    /// the room (throttled), and answer the number the client is shown —
+    /// `None` if this node has not read the room yet (its first join here):
+    /// then [`Presence::first_read`] reads it, so that the number counts
+    /// the other nodes from the start.
+    pub fn joined(&self, topic: &Topic) -> Option<u64> {
+        if !self.cluster().rooms.contains_key(name(topic)) {
+            return None;
+        }
+        self.hub.mark_changed(topic);
+        Some(self.online(topic))
+    }
+
+    /// [`Presence::joined`] for a room this node has not read: read it
+    /// (unless the bus is down), then tell the room and answer the number.
+    pub async fn first_read(&self, topic: &Topic, bus: &dyn Bus) -> u64 {
+        let room = name(topic);
+        if bus.is_up() {
+            let sent = Instant::now();
+            let snapshot = bus.presence(Report::Read { rooms: &[room] }).await;
+            if let Some(Ok(counts)) = snapshot.rooms.first() {
+                let cluster = self.cluster().with(room, counts, sent);
+                self.replace(cluster);
+            }
+        }
         self.hub.mark_changed(topic);
         self.online(topic)
     }
@@ -229,48 +242,53 @@ impl Presence {
         self.cluster().total(name(topic)).online + self.hub.count(topic) as u64
     }
 
-    /// Room `room` across the cluster, this node's live count included.
-    pub fn room(&self, room: &str) -> Total {
-        let mut total = self.cluster().total(room);
+    /// Room `room` across the cluster, read from the bus now, this node's
+    /// live count included.
+    pub async fn room(&self, room: &str, bus: &dyn Bus) -> Result<Total, BusError> {
+        let snapshot = bus.presence(Report::Read { rooms: &[room] }).await;
+        let counts = snapshot
+            .rooms
+            .into_iter()
+            .next()
+            .unwrap_or(Ok(Vec::new()))?;
+        let mut total = Total::default();
         let local = self.hub.count(&Topic::room(room)) as u64;
-        if local > 0 {
-            total.online += local;
+        let counts = counts.iter().map(|c| c.online).chain([local]);
+        for online in counts.filter(|n| *n > 0) {
+            total.online += online;
             total.nodes += 1;
         }
-        total
+        Ok(total)
     }
 
     /// At most `limit` rooms whose names start with `prefix`, most online
-    /// first (then by name), across the cluster.
-    pub fn busiest(&self, prefix: &str, limit: usize) -> Vec<(String, u64)> {
+    /// first (then by name), across the cluster: what the other live nodes
+    /// last reported, and this node's live counts.
+    pub async fn busiest(
+        &self,
+        prefix: &str,
+        limit: usize,
+        bus: &dyn Bus,
+    ) -> Result<Vec<(String, u64)>, BusError> {
         if limit == 0 {
-            return Vec::new();
+            return Ok(Vec::new());
         }
-        let cluster = self.cluster();
-        let local = self.hub.room_counts();
-        let mut online: HashMap<&str, u64> = cluster
-            .totals
-            .iter()
-            .filter(|(room, _)| room.starts_with(prefix))
-            .map(|(room, total)| (room.as_str(), total.online))
-            .collect();
-        for (topic, count) in &local {
-            let room = name(topic);
+        let mut online = bus.reported_rooms().await?;
+        online.retain(|room, _| room.starts_with(prefix));
+        for (topic, count) in self.hub.room_counts() {
+            let room = name(&topic);
             if room.starts_with(prefix) {
-                *online.entry(room).or_default() += *count as u64;
+                *online.entry(room.to_owned()).or_default() += count as u64;
             }
         }
-        let mut rooms: Vec<(&str, u64)> = online.into_iter().collect();
-        let order = |a: &(&str, u64), b: &(&str, u64)| b.1.cmp(&a.1).then(a.0.cmp(b.0));
+        let mut rooms: Vec<(String, u64)> = online.into_iter().collect();
+        let order = |a: &(String, u64), b: &(String, u64)| b.1.cmp(&a.1).then(a.0.cmp(&b.0));
         if rooms.len() > limit {
             rooms.select_nth_unstable_by(limit - 1, order);
             rooms.truncate(limit);
         }
         rooms.sort_unstable_by(order);
-        rooms
-            .into_iter()
-            .map(|(room, n)| (room.to_owned(), n))
-            .collect()
+        Ok(rooms)
     }
 }
 
@@ -286,94 +304,66 @@ mod tests {
 
     use super::*;
 
-    fn other(node: &str, until: Instant, rooms: &[(&str, u64)]) -> Other {
-        Other {
-            node: node.to_owned(),
-            version: "1".to_owned(),
-            until,
-            rooms: Arc::new(rooms.iter().map(|(r, n)| (r.to_string(), *n)).collect()),
+    fn count(online: u64, secs: u64) -> Count {
+        Count {
+            online,
+            fresh_for: Duration::from_secs(secs),
         }
     }
 
     #[test]
-    fn a_view_sums_the_nodes_and_drops_each_report_when_it_runs_out() {
+    fn a_view_sums_the_other_nodes_and_drops_each_count_when_it_runs_out() {
         let now = Instant::now();
-        let cluster = Cluster::new(vec![
-            other("a", now + Duration::from_secs(1), &[("r", 2), ("s", 1)]),
-            other("b", now + Duration::from_secs(3), &[("r", 5), ("empty", 0)]),
-        ]);
-        assert_eq!(
-            cluster.total("r"),
-            Total {
-                online: 7,
-                nodes: 2
-            }
-        );
+        let asked = ["r", "s", "empty"];
+        let snapshot = Snapshot {
+            rooms: vec![
+                Ok(vec![count(2, 1), count(5, 3)]),
+                Ok(vec![count(1, 1)]),
+                Ok(vec![]),
+            ],
+            nodes: Some(2),
+        };
+        let cluster = Cluster::default().read(&asked, snapshot, now);
+        let total = |online, nodes| Total { online, nodes };
+        assert_eq!(cluster.total("r"), total(7, 2));
         assert_eq!(cluster.total("empty"), Total::default());
+        assert!(cluster.rooms.contains_key("empty"), "read, so known");
         assert!(cluster.pruned(now).is_none(), "nothing ran out yet");
         let later = cluster.pruned(now + Duration::from_secs(2)).unwrap();
-        assert_eq!(
-            later.total("r"),
-            Total {
-                online: 5,
-                nodes: 1
-            }
-        );
+        assert_eq!(later.total("r"), total(5, 1));
         assert_eq!(later.total("s"), Total::default());
-        assert_eq!(later.nodes.len(), 1);
+        assert_eq!(later.nodes, 2);
     }
 
     #[test]
-    fn a_read_keeps_the_reports_it_did_not_send_again() {
-        use crate::bus::NodeCounts;
+    fn a_room_whose_shard_did_not_answer_keeps_its_counts_and_rooms_not_asked_go() {
         let now = Instant::now();
-        let held = Cluster::new(vec![other("a", now, &[("r", 2)])]);
-        assert_eq!(held.known(), [("a", "1")]);
-        let counts = |node: &str, version: &str, rooms: Option<&[(&str, u64)]>| NodeCounts {
-            node: node.to_owned(),
-            version: version.to_owned(),
-            fresh_for: Duration::from_secs(1),
-            rooms: rooms.map(|r| r.iter().map(|(k, n)| (k.to_string(), *n)).collect()),
+        let first = Snapshot {
+            rooms: vec![Ok(vec![count(3, 10)]), Ok(vec![count(4, 10)])],
+            nodes: Some(1),
         };
-        // Nothing new: the same sums (shared, not recomputed), later expiry.
-        let same = held.read(
+        let held = Cluster::default().read(&["a", "b"], first, now);
+        let down = BusError::Unavailable("shard down".into());
+        let next = Snapshot {
+            rooms: vec![Err(down), Ok(vec![count(6, 10)])],
+            nodes: None,
+        };
+        let view = held.read(&["a", "b"], next, now);
+        assert_eq!(view.total("a").online, 3, "kept");
+        assert_eq!(view.total("b").online, 6, "new");
+        assert_eq!(view.nodes, 1, "no answer: the last number");
+        let left = view.read(
+            &["b"],
             Snapshot {
-                nodes: vec![counts("a", "1", None)],
+                rooms: vec![Ok(vec![])],
+                nodes: Some(0),
             },
             now,
         );
-        assert!(Arc::ptr_eq(&same.totals, &held.totals));
-        assert_eq!(same.nodes[0].until, now + Duration::from_secs(1));
-        // A new report from a, and b for the first time.
-        let next = same.read(
-            Snapshot {
-                nodes: vec![
-                    counts("a", "2", Some(&[("r", 3)])),
-                    counts("b", "1", Some(&[("r", 1)])),
-                ],
-            },
-            now,
-        );
-        assert_eq!(
-            next.total("r"),
-            Total {
-                online: 4,
-                nodes: 2
-            }
-        );
-        // a unchanged, b gone.
-        let last = next.read(
-            Snapshot {
-                nodes: vec![counts("a", "2", None)],
-            },
-            now,
-        );
-        assert_eq!(
-            last.total("r"),
-            Total {
-                online: 3,
-                nodes: 1
-            }
-        );
+        assert!(!left.rooms.contains_key("a"));
+        assert_eq!(left.total("b"), Total::default());
+        assert_eq!(left.nodes, 0);
+        let joined = left.with("c", &[count(2, 10)], now);
+        assert_eq!(joined.total("c").online, 2);
     }
 }

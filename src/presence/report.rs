@@ -3,14 +3,14 @@
 //! (the timing and the bound it gives are in `presence/mod.rs`), and a
 //! goodbye at shutdown.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::name;
-use crate::bus::{BusError, Known, Report, Snapshot, Watch};
+use crate::bus::{BusError, Report, RoomReport, Snapshot};
 use crate::gateway::Gateway;
 use crate::topic::Topic;
 
@@ -36,21 +36,21 @@ pub(super) async fn run(gw: &Gateway, stop: &CancellationToken) {
         }
         let now = Instant::now();
         // Ticks are a quarter apart: within half a tick is on time.
-        let held = presence.cluster();
-        let known = held.known();
-        let answer = if now + period / 2 >= next_report {
-            next_report = now + interval;
-            reporter.report(now, &known).await
-        } else if gw.bus.is_up() {
-            gw.bus.presence(Report::Read { known: &known }).await.ok()
+        if now + period / 2 >= next_report {
+            // One that did not get through is tried again on the next tick
+            // (a node starting before its bus is up reports once it is).
+            let stored = reporter.report(now).await;
+            next_report = now + if stored { interval } else { period };
         } else {
-            None
-        };
-        match answer {
-            Some(snapshot) => presence.replace(held.read(snapshot, now)),
-            // No answer (or the bus is down): the last view runs out on time.
-            None => presence.prune(Instant::now()),
+            let local = gw.hub.room_counts();
+            let rooms: Vec<&str> = local.iter().map(|(t, _)| name(t)).collect();
+            if !rooms.is_empty() {
+                let snapshot = gw.bus.presence(Report::Read { rooms: &rooms }).await;
+                presence.replace(presence.cluster().read(&rooms, snapshot, now));
+            }
         }
+        // Counts whose shard did not answer run out on time.
+        presence.prune(Instant::now());
     }
     reporter.leave().await;
 }
@@ -59,6 +59,9 @@ struct Reporter<'a> {
     gw: &'a Gateway,
     fresh_for: Duration,
     watched: Watched,
+    /// Rooms whose count this node may still have in the bus: a report
+    /// that no longer has them removes it.
+    reported: HashSet<String>,
 }
 
 impl<'a> Reporter<'a> {
@@ -71,56 +74,113 @@ impl<'a> Reporter<'a> {
                 stored: now,
                 pending: HashMap::new(),
             },
+            reported: HashSet::new(),
         }
     }
 
-    /// Report the counts and watch time, and read the others'. Nothing is
-    /// attempted while the bus is down (`roomcast_bus_up` says so).
-    async fn report(&mut self, now: Instant, known: Known<'_>) -> Option<Snapshot> {
-        let (gw, metrics) = (self.gw, &self.gw.metrics);
-        let rooms = gw.hub.room_counts();
-        self.watched.sample(&rooms, now);
-        if !gw.bus.is_up() {
-            return None;
+    /// This node's rooms and their counts now, the rooms it left since its
+    /// last report (count 0) and those with watch time still to add.
+    fn rooms(&mut self, now: Instant) -> Vec<(String, u64, f64)> {
+        let local = self.gw.hub.room_counts();
+        self.watched.sample(&local, now);
+        let mut rooms: HashMap<&str, (u64, f64)> = local
+            .iter()
+            .map(|(t, n)| (name(t), (*n as u64, 0.0)))
+            .collect();
+        for room in &self.reported {
+            rooms.entry(room).or_default();
         }
-        let counts: Vec<(&str, u64)> = rooms.iter().map(|(t, n)| (name(t), *n as u64)).collect();
-        let seconds = self.watched.seconds();
+        for (room, seconds) in self.watched.seconds() {
+            rooms.entry(room).or_default().1 = seconds;
+        }
+        rooms
+            .into_iter()
+            .map(|(room, (online, watch))| (room.to_owned(), online, watch))
+            .collect()
+    }
+
+    /// Report the counts and watch time, and read the other nodes' counts
+    /// in the same rooms; `false` if this node's record did not get in. Tried even while the bus is down: on a cluster,
+    /// the shards that are up take their rooms' part (the others fail at
+    /// once, not connected).
+    async fn report(&mut self, now: Instant) -> bool {
+        let (gw, metrics) = (self.gw, &self.gw.metrics);
+        let rooms = self.rooms(now);
+        let reports: Vec<RoomReport> = rooms
+            .iter()
+            .map(|(room, online, watch)| RoomReport {
+                room,
+                online: *online,
+                watch: *watch,
+            })
+            .collect();
         let report = Report::Counts {
-            rooms: &counts,
+            rooms: &reports,
             fresh_for: self.fresh_for,
-            watch: Watch {
-                seconds: &seconds,
-                ttl: gw.presence.config.watch_ttl,
-            },
-            known,
+            watch_ttl: gw.presence.config.watch_ttl,
         };
-        let result = gw.bus.presence(report).await;
-        match &result {
-            Ok(_) => metrics.presence_reports.inc(),
-            Err(e) => {
+        let snapshot = gw.bus.presence(report).await;
+        let failed = snapshot.rooms.iter().find_map(|r| r.as_ref().err());
+        match (failed, snapshot.nodes) {
+            (None, Some(_)) => metrics.presence_reports.inc(),
+            // Tried anyway, for the shards that are up; the bus being down
+            // is `roomcast_bus_up`'s to say, not a failure of each report.
+            _ if !gw.bus.is_up() => {}
+            (failed, _) => {
                 metrics.presence_report_failures.inc();
-                tracing::warn!(error = %e, "presence report failed");
+                match failed {
+                    Some(e) => tracing::warn!(error = %e, "presence report failed"),
+                    None => tracing::warn!("presence report failed: the node list did not answer"),
+                }
             }
         }
-        let ttl = gw.presence.config.watch_ttl;
-        self.watched.settle(result.as_ref().map(|_| ()), now, ttl);
-        result.ok()
+        self.reported.clear();
+        for ((room, online, _), result) in rooms.iter().zip(&snapshot.rooms) {
+            self.watched.settle(room, result.as_ref().map(|_| ()), now);
+            if *online > 0 || result.is_err() {
+                self.reported.insert(room.clone());
+            }
+        }
+        self.watched.expire(now, gw.presence.config.watch_ttl);
+        let asked: Vec<&str> = rooms
+            .iter()
+            .filter(|(_, online, _)| *online > 0)
+            .map(|(room, _, _)| room.as_str())
+            .collect();
+        let answers = rooms.iter().zip(snapshot.rooms);
+        let snapshot = Snapshot {
+            rooms: answers
+                .filter(|((_, online, _), _)| *online > 0)
+                .map(|(_, answer)| answer)
+                .collect(),
+            nodes: snapshot.nodes,
+        };
+        let stored = snapshot.nodes.is_some();
+        let presence = &gw.presence;
+        presence.replace(presence.cluster().read(&asked, snapshot, now));
+        stored
     }
 
     /// The watch time since the last report goes in, and the counts go out.
     async fn leave(mut self) {
         let gw = self.gw;
-        self.watched.sample(&gw.hub.room_counts(), Instant::now());
-        let seconds = self.watched.seconds();
+        let rooms = self.rooms(Instant::now());
+        let reports: Vec<RoomReport> = rooms
+            .iter()
+            .map(|(room, _, watch)| RoomReport {
+                room,
+                online: 0,
+                watch: *watch,
+            })
+            .collect();
         let leaving = Report::Leaving {
-            watch: Watch {
-                seconds: &seconds,
-                ttl: gw.presence.config.watch_ttl,
-            },
+            rooms: &reports,
+            watch_ttl: gw.presence.config.watch_ttl,
         };
-        match gw.bus.presence(leaving).await {
-            Ok(_) => tracing::debug!("presence removed"),
-            Err(e) => tracing::warn!(
+        let snapshot = gw.bus.presence(leaving).await;
+        match snapshot.rooms.iter().find_map(|r| r.as_ref().err()) {
+            None => tracing::debug!("presence removed"),
+            Some(e) => tracing::warn!(
                 error = %e,
                 "presence goodbye failed; this node's counts expire on their own"
             ),
@@ -135,7 +195,7 @@ struct Watched {
     since: Instant,
     /// Last time the bus took them (older ones would have expired there).
     stored: Instant,
-    pending: HashMap<Topic, f64>,
+    pending: HashMap<String, f64>,
 }
 
 impl Watched {
@@ -143,7 +203,10 @@ impl Watched {
         let elapsed = now.saturating_duration_since(self.since).as_secs_f64();
         self.since = now;
         for (topic, count) in rooms {
-            *self.pending.entry(topic.clone()).or_default() += *count as f64 * elapsed;
+            let seconds = *count as f64 * elapsed;
+            if seconds > 0.0 {
+                *self.pending.entry(name(topic).to_owned()).or_default() += seconds;
+            }
         }
     }
 
@@ -151,23 +214,26 @@ impl Watched {
         self.pending
             .iter()
             .filter(|(_, &s)| s > 0.0)
-            .map(|(t, &s)| (name(t), s))
+            .map(|(room, &s)| (room.as_str(), s))
             .collect()
     }
 
-    /// After a report: kept only if certainly not added (and not expired by
-    /// now); an unconfirmed addition is not repeated, to never count twice.
-    fn settle(&mut self, result: Result<(), &BusError>, now: Instant, ttl: Duration) {
+    /// After a report of `room`: its seconds are kept only if certainly not
+    /// added; an unconfirmed addition is not repeated, to never count twice.
+    fn settle(&mut self, room: &str, result: Result<(), &BusError>, now: Instant) {
         match result {
             Ok(()) | Err(BusError::Unconfirmed(_)) => {
-                self.pending.clear();
+                self.pending.remove(room);
                 self.stored = now;
             }
-            Err(BusError::Unavailable(_)) => {
-                if now.saturating_duration_since(self.stored) > ttl {
-                    self.pending.clear();
-                }
-            }
+            Err(BusError::Unavailable(_)) => {}
+        }
+    }
+
+    /// Drop what waited longer than the bus would have kept it.
+    fn expire(&mut self, now: Instant, ttl: Duration) {
+        if now.saturating_duration_since(self.stored) > ttl {
+            self.pending.clear();
         }
     }
 }
@@ -189,10 +255,16 @@ mod tests {
         w.sample(&rooms, t0 + Duration::from_secs(2));
         assert_eq!(w.seconds(), [("r", 6.0)]);
         let down = BusError::Unavailable("down".into());
-        w.settle(Err(&down), t0, ttl);
+        w.settle("r", Err(&down), t0);
+        w.expire(t0 + Duration::from_secs(4), ttl);
         w.sample(&rooms, t0 + Duration::from_secs(4));
         assert_eq!(w.seconds(), [("r", 12.0)]);
-        w.settle(Err(&BusError::Unconfirmed("lost".into())), t0, ttl);
+        w.settle("r", Err(&BusError::Unconfirmed("lost".into())), t0);
+        assert!(w.seconds().is_empty());
+        // Kept longer than the bus would have kept it: gone.
+        w.sample(&rooms, t0 + Duration::from_secs(6));
+        w.settle("r", Err(&down), t0);
+        w.expire(t0 + ttl + Duration::from_secs(1), ttl);
         assert!(w.seconds().is_empty());
     }
 }

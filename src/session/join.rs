@@ -78,7 +78,8 @@ fn unavailable(id: Option<u64>) -> Rejection {
 /// The join is in effect: the presence frame, the join event, the room.
 async fn joined(session: &mut Session, link: &impl Link, topic: Topic) {
     if let Target::Room(room) = topic.target() {
-        link.reply(&protocol::presence_frame(room, link.joined(&topic)));
+        let online = link.joined(&topic).await;
+        link.reply(&protocol::presence_frame(room, online));
     }
     session.announce(link, &topic, "join").await;
     session.rooms.push(topic);

@@ -67,7 +67,7 @@ pub(crate) trait Link {
     async fn synced(&self) -> bool;
     /// This client's join of room `topic` is acknowledged: tell the room;
     /// answers how many are in it now, across the cluster.
-    fn joined(&self, topic: &Topic) -> u64;
+    async fn joined(&self, topic: &Topic) -> u64;
     /// Hand a message to the bus; the client hears the outcome as `reply` says.
     async fn publish(&self, topic: Topic, envelope: Bytes, reply: Reply);
     /// Count a refusal (`roomcast_client_errors_total{code}`).
@@ -565,8 +565,12 @@ impl Link for NodeLink<'_> {
         self.gw.hub.sync().await
     }
 
-    fn joined(&self, topic: &Topic) -> u64 {
-        self.gw.presence.joined(topic)
+    async fn joined(&self, topic: &Topic) -> u64 {
+        let presence = &self.gw.presence;
+        match presence.joined(topic) {
+            Some(online) => online,
+            None => presence.first_read(topic, &*self.gw.bus).await,
+        }
     }
 
     async fn publish(&self, topic: Topic, envelope: Bytes, reply: Reply) {
@@ -808,7 +812,7 @@ pub(crate) mod testing {
             Ok(page)
         }
         fn history_join(&self, _outcome: &'static str) {}
-        fn joined(&self, topic: &Topic) -> u64 {
+        async fn joined(&self, topic: &Topic) -> u64 {
             self.joined.borrow().iter().filter(|t| *t == topic).count() as u64
         }
         async fn publish(&self, topic: Topic, envelope: Bytes, reply: Reply) {

@@ -50,7 +50,7 @@ async fn until_online(addr: SocketAddr, room: &str, online: u64) {
 }
 
 /// `GET /api/rooms?{query}`: the rooms' (name, online), in order.
-async fn busiest(node: &Node, query: &str) -> Vec<(String, u64)> {
+pub async fn busiest(node: &Node, query: &str) -> Vec<(String, u64)> {
     let (status, body) = node.get(&format!("/api/rooms?{query}")).await;
     assert_eq!(status, 200, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
@@ -129,7 +129,7 @@ async fn counts_add_up_across_nodes_in_presence_frames_and_the_api() {
     // viewers it sees for the whole interval before it).
     let most = 2.0 * (began.elapsed() + INTERVAL).as_secs_f64();
     assert!(watched > 0.0 && watched < most, "{watched}");
-    let ttl: i64 = redis.cmd(&["PTTL", "{roomcast:presence}:watch:r1"]).await;
+    let ttl: i64 = redis.cmd(&["PTTL", "{roomcast:room:r1}:watch"]).await;
     assert!(ttl > 23 * 3600 * 1000 && ttl <= 24 * 3600 * 1000, "{ttl}");
 
     // A leave: 1 everywhere, in frames and the API.

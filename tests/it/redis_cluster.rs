@@ -13,6 +13,7 @@ use std::process::Command;
 use serde_json::json;
 
 use crate::history::HISTORY_TOML;
+use crate::presence::busiest;
 use crate::recovery::through;
 use crate::util::*;
 
@@ -451,6 +452,32 @@ async fn rooms_spread_over_the_shards_and_each_message_reaches_exactly_its_clien
         })
         .await;
     }
+    // Presence is kept per room, in the room's slot: each shard holds the
+    // online hashes of its own rooms only, each with the two nodes that
+    // have clients there; the busiest list still adds up every shard.
+    for port in cluster.primaries().await {
+        let mut keys: Vec<String> = cluster.node(port).cmd(&["KEYS", "*:online"]).await;
+        keys.sort();
+        let mut expected: Vec<String> = by_shard[&port]
+            .iter()
+            .map(|r| format!("{{roomcast:room:{r}}}:online"))
+            .collect();
+        expected.sort();
+        assert_eq!(keys, expected, "online hashes on primary {port}");
+        for key in &keys {
+            let nodes: i64 = cluster.node(port).cmd(&["HLEN", key]).await;
+            assert_eq!(nodes, 2, "{key}");
+        }
+    }
+    let mut listed = busiest(&nodes[2], "prefix=c").await;
+    listed.sort();
+    let mut all: Vec<(String, u64)> = rooms.iter().map(|(_, r)| (r.clone(), 2)).collect();
+    all.sort();
+    assert_eq!(listed, all, "the busiest list across the shards");
+    for node in &nodes {
+        assert_eq!(node.metric("roomcast_presence_nodes").await, 3.0);
+    }
+
     // A room is subscribed only while a node has clients in it.
     let (port, room) = rooms[0].clone();
     viewers.remove(0).close().await;

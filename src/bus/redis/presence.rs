@@ -1,29 +1,33 @@
-//! Presence in Redis: every node's per-room member counts, and the rooms'
-//! watch time. What to report and when is `presence.rs`'s business; this is
-//! only how it is stored and read.
+//! Presence in Redis: every node's count in each room, the rooms' watch
+//! time, and the list of live nodes. What to report and when is
+//! `presence/`'s business; this is only how it is stored and read.
 //!
-//! Keys, all under one hash tag so that they could share a Redis Cluster
-//! slot (`{<prefix>presence}:…`, prefix = `bus.redis.channel_prefix`):
-//! - `…:nodes`: a sorted set, node id → the Redis time (ms) until which its
-//!   last report counts. The script stamps it with Redis `TIME`, so the
-//!   nodes' clocks do not matter, and each node says how long its own
-//!   reports count (its own report interval decides).
-//! - `…:node:<id>`: a hash, room → that node's local member count, replaced
-//!   whole by each report.
-//! - `…:watch:<room>`: a room's viewer-seconds (INCRBYFLOAT). One key per
-//!   room rather than one hash, so that each room's total expires
-//!   `presence.watch_ttl` after it last grew: a hash's TTL would be renewed
-//!   by every report and the hash would keep every room ever watched.
+//! Keys. A room's are in the room's slot, beside its history
+//! (`<channel>` = the room's channel, `<prefix>room:<room>`), so on a Redis
+//! Cluster presence divides over the shards as the rooms do:
+//! - `{<channel>}:online`: a hash, node id → `<until>:<count>`, the node's
+//!   count in the room and the Redis time (ms) until which it counts. The
+//!   script stamps it with Redis `TIME`, so the nodes' clocks do not
+//!   matter, and each node says how long its own reports count. Stale
+//!   fields are removed by whoever touches the room next; the hash expires
+//!   twice a report's freshness after its last report.
+//! - `{<channel>}:watch`: the room's viewer-seconds (INCRBYFLOAT), kept
+//!   `presence.watch_ttl` after it last grew.
 //!
-//! Each exchange is one script: store the report, drop the nodes whose
-//! reports are stale (and their hashes), and return the fresh nodes' hashes
-//! — except those the reader says it holds already (a report's version is
-//! its score, new with every report), so each report crosses once per
-//! reader. So a read costs the number of live nodes, and their rooms when
-//! they reported since; never viewers.
-//! Node hashes and the node set expire after twice a report's freshness, so
-//! a cluster that stops entirely leaves nothing behind. The script builds
-//! the other nodes' key names itself: allowed for keys in the same slot.
+//! Per node, for the busiest-rooms list, which no room's keys can answer:
+//! - `{<prefix>presence}:nodes`: a sorted set, node id → the Redis time
+//!   (ms) until which the node counts as live: a few bytes per node and one
+//!   write per node per report interval (it is the only key every node
+//!   writes, and it is small and cold).
+//! - `{<prefix>presence:<node>}:rooms`: a hash, room → the node's count,
+//!   replaced whole by each report; in a slot of its own per node. Read only
+//!   when the list is asked for.
+//!
+//! A report is one script call per group of rooms in one slot (on a single
+//! Redis, any 100 rooms), plus the node's two keys; a read is the same
+//! script without the counts. So a node's presence costs Redis the number
+//! of rooms it has, per report and per read; never viewers, and not the
+//! rooms of other nodes.
 //!
 //! Sent with EVAL (Redis caches the compiled script by its text; EVALSHA
 //! would need redis-rs's `script` feature and a SHA-1 crate for a few
@@ -32,152 +36,235 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::bus::{Known, NodeCounts, Report, Snapshot, Watch};
+use redis::Value;
 
-/// KEYS: the node set, this node's hash. ARGV: mode (`read`, `counts`,
-/// `leaving`), node id, key prefix, fresh ms, keep ms, watch ttl ms, then
-/// the number of rooms and their (room, count) pairs, the number of watch
-/// additions and their (room, seconds) pairs, the number of known reports
-/// and their (node, version) pairs. Answers, per other live node, (node,
-/// version, ms it still counts, room/count pairs or nil when known).
-const SCRIPT: &str = r#"
+use crate::bus::Count;
+
+/// Rooms per script call: keeps one call short, so it does not hold up
+/// Redis for the other clients.
+pub const ROOMS_PER_CALL: usize = 100;
+
+/// KEYS: per room, its online hash and its watch key. ARGV: mode (`read`,
+/// `counts`, `leaving`), node id, fresh ms, keep ms, watch ttl ms, then per
+/// room this node's count and the viewer-seconds to add. Answers, per room,
+/// the other live nodes' (count, ms it still counts) pairs, flat.
+const ROOMS: &str = r#"
 if redis.replicate_commands then redis.replicate_commands() end
-local mode, node, prefix = ARGV[1], ARGV[2], ARGV[3]
-local fresh, keep, watch_ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local mode, node = ARGV[1], ARGV[2]
+local fresh, keep, ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local i = 7
-local rooms = tonumber(ARGV[i])
-if mode == 'counts' then
-  redis.call('DEL', KEYS[2])
-  local first, last = i + 1, i + 2 * rooms
-  while first <= last do
-    local upto = math.min(first + 199, last)
-    redis.call('HSET', KEYS[2], unpack(ARGV, first, upto))
-    first = upto + 1
-  end
-  redis.call('PEXPIRE', KEYS[2], keep)
-  redis.call('ZADD', KEYS[1], now + fresh, node)
-  if redis.call('PTTL', KEYS[1]) < keep then redis.call('PEXPIRE', KEYS[1], keep) end
-end
-i = i + 2 * rooms + 1
-local watched = tonumber(ARGV[i])
-for k = i + 1, i + 2 * watched, 2 do
-  local key = prefix .. 'watch:' .. ARGV[k]
-  redis.call('INCRBYFLOAT', key, ARGV[k + 1])
-  redis.call('PEXPIRE', key, watch_ttl)
-end
-i = i + 2 * watched + 1
-local known = {}
-for k = i + 1, i + 2 * tonumber(ARGV[i]), 2 do
-  known[ARGV[k]] = ARGV[k + 1]
-end
-if mode == 'leaving' then
-  redis.call('ZREM', KEYS[1], node)
-  redis.call('DEL', KEYS[2])
-  return {}
-end
-local stale = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
-for _, id in ipairs(stale) do
-  redis.call('ZREM', KEYS[1], id)
-  redis.call('DEL', prefix .. 'node:' .. id)
-end
-local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf', 'WITHSCORES')
 local out = {}
-for k = 1, #live, 2 do
-  local id, version = live[k], live[k + 1]
-  if id ~= node then
-    local counts = false
-    if known[id] ~= version then counts = redis.call('HGETALL', prefix .. 'node:' .. id) end
-    out[#out + 1] = {id, version, tonumber(version) - now, counts}
+for r = 1, #KEYS / 2 do
+  local online, watch = KEYS[2 * r - 1], KEYS[2 * r]
+  local count, seconds = tonumber(ARGV[4 + 2 * r]), ARGV[5 + 2 * r]
+  if mode == 'counts' and count > 0 then
+    redis.call('HSET', online, node, (now + fresh) .. ':' .. count)
+    if redis.call('PTTL', online) < keep then redis.call('PEXPIRE', online, keep) end
+  elseif mode ~= 'read' then
+    redis.call('HDEL', online, node)
   end
+  if tonumber(seconds) > 0 then
+    redis.call('INCRBYFLOAT', watch, seconds)
+    redis.call('PEXPIRE', watch, ttl)
+  end
+  local others = {}
+  if mode ~= 'leaving' then
+    local fields = redis.call('HGETALL', online)
+    for f = 1, #fields, 2 do
+      local id = fields[f]
+      local untl, n = string.match(fields[f + 1], '^(%d+):(%d+)$')
+      untl = tonumber(untl)
+      if not untl or untl <= now then
+        redis.call('HDEL', online, id)
+      elseif id ~= node then
+        others[#others + 1] = tonumber(n)
+        others[#others + 1] = untl - now
+      end
+    end
+  end
+  out[r] = others
 end
 return out
 "#;
 
-/// The key names of one node's presence.
-pub struct Keys {
-    /// `{<prefix>presence}:`
-    prefix: String,
-    nodes: String,
-    own: String,
+/// KEYS: the node set, this node's rooms hash. ARGV: mode (`read`,
+/// `counts`, `leaving`), node id, fresh ms, keep ms, then room/count pairs.
+/// Answers the live nodes' ids.
+const NODES: &str = r#"
+if redis.replicate_commands then redis.replicate_commands() end
+local mode, node = ARGV[1], ARGV[2]
+local fresh, keep = tonumber(ARGV[3]), tonumber(ARGV[4])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if mode == 'leaving' then
+  redis.call('ZREM', KEYS[1], node)
+  return {}
+end
+if mode == 'counts' then
+  redis.call('ZADD', KEYS[1], now + fresh, node)
+  if redis.call('PTTL', KEYS[1]) < keep then redis.call('PEXPIRE', KEYS[1], keep) end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')
+"#;
+
+/// KEYS: this node's rooms hash. ARGV: keep ms, then room/count pairs.
+const REPLACE: &str = r#"
+redis.call('DEL', KEYS[1])
+local first, last = 2, #ARGV
+while first <= last do
+  local upto = math.min(first + 199, last)
+  redis.call('HSET', KEYS[1], unpack(ARGV, first, upto))
+  first = upto + 1
+end
+if #ARGV > 1 then redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1])) end
+return 0
+"#;
+
+/// The mode of a round trip, as the scripts name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Read,
+    Counts,
+    Leaving,
 }
 
-impl Keys {
-    pub fn new(channel_prefix: &str, node_id: &str) -> Keys {
-        let prefix = format!("{{{channel_prefix}presence}}:");
-        Keys {
-            nodes: format!("{prefix}nodes"),
-            own: format!("{prefix}node:{node_id}"),
-            prefix,
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Read => "read",
+            Mode::Counts => "counts",
+            Mode::Leaving => "leaving",
         }
     }
-
-    /// A key in the presence keys' slot (they all share it).
-    pub fn slot_key(&self) -> &str {
-        &self.nodes
-    }
-
-    pub fn watch(&self, room: &str) -> String {
-        format!("{}watch:{room}", self.prefix)
-    }
 }
 
-/// Per other node: (node id, version, ms its report still counts, room →
-/// count unless known).
-pub type Reply = Vec<(String, String, i64, Option<HashMap<String, u64>>)>;
+/// How long a report counts, and how long its keys are kept.
+#[derive(Debug, Clone, Copy)]
+pub struct Times {
+    pub fresh: Duration,
+    pub watch_ttl: Duration,
+}
 
-/// The script invocation for `report` by `node`.
-pub fn exchange(keys: &Keys, node: &str, report: &Report<'_>) -> redis::Cmd {
-    let ms = |d: Duration| d.as_millis().max(1) as u64;
-    let none: (&[(&str, u64)], Duration) = (&[], Duration::ZERO);
-    let (mode, (rooms, fresh), watch, known): (_, _, Option<&Watch>, Known) = match report {
-        Report::Read { known } => ("read", none, None, known),
-        Report::Counts {
-            rooms,
-            fresh_for,
-            watch,
-            known,
-        } => ("counts", (rooms, *fresh_for), Some(watch), known),
-        Report::Leaving { watch } => ("leaving", none, Some(watch), &[]),
-    };
+fn ms(d: Duration) -> u64 {
+    d.as_millis().max(1) as u64
+}
+
+/// A room's presence keys: its online hash and its watch key.
+pub fn room_keys(channel: &str) -> [String; 2] {
+    [
+        format!("{{{channel}}}:online"),
+        format!("{{{channel}}}:watch"),
+    ]
+}
+
+/// The script call for `rooms` (channel, this node's count, viewer-seconds),
+/// all in one slot.
+pub fn rooms(mode: Mode, node: &str, times: Times, rooms: &[(String, u64, f64)]) -> redis::Cmd {
     let mut cmd = redis::cmd("EVAL");
-    cmd.arg(SCRIPT)
-        .arg(2)
-        .arg(&keys.nodes)
-        .arg(&keys.own)
-        .arg(mode)
+    cmd.arg(ROOMS).arg(rooms.len() * 2);
+    for (channel, _, _) in rooms {
+        cmd.arg(&room_keys(channel));
+    }
+    cmd.arg(mode.name())
         .arg(node)
-        .arg(&keys.prefix)
-        .arg(ms(fresh))
-        .arg(ms(fresh * 2))
-        .arg(watch.map_or(1, |w| ms(w.ttl)))
-        .arg(rooms.len());
-    for (room, count) in rooms {
-        cmd.arg(*room).arg(*count);
-    }
-    let seconds = watch.map_or(&[][..], |w| w.seconds);
-    cmd.arg(seconds.len());
-    for (room, secs) in seconds {
-        cmd.arg(*room).arg(*secs);
-    }
-    cmd.arg(known.len());
-    for (node, version) in known {
-        cmd.arg(*node).arg(*version);
+        .arg(ms(times.fresh))
+        .arg(ms(times.fresh * 2))
+        .arg(ms(times.watch_ttl));
+    for (_, online, watch) in rooms {
+        cmd.arg(*online).arg(*watch);
     }
     cmd
 }
 
-pub fn snapshot(reply: Reply) -> Snapshot {
-    Snapshot {
-        nodes: reply
-            .into_iter()
-            .map(|(node, version, fresh_ms, rooms)| NodeCounts {
-                node,
-                version,
-                fresh_for: Duration::from_millis(fresh_ms.max(0) as u64),
-                rooms,
-            })
-            .collect(),
+/// Per room of a [`rooms`] call, the other nodes' counts.
+pub fn counts(reply: Value, rooms: usize) -> Option<Vec<Vec<Count>>> {
+    let Value::Array(per_room) = reply else {
+        return None;
+    };
+    let counts: Option<Vec<Vec<Count>>> = per_room
+        .into_iter()
+        .map(|room| {
+            let Value::Array(flat) = room else {
+                return None;
+            };
+            flat.chunks(2)
+                .map(|pair| match pair {
+                    [Value::Int(n), Value::Int(left)] => Some(Count {
+                        online: (*n).max(0) as u64,
+                        fresh_for: Duration::from_millis((*left).max(0) as u64),
+                    }),
+                    _ => None,
+                })
+                .collect()
+        })
+        .collect();
+    counts.filter(|c| c.len() == rooms)
+}
+
+/// The per-node keys of presence (the node set and the nodes' room lists).
+pub struct Nodes {
+    set: String,
+    prefix: String,
+}
+
+impl Nodes {
+    pub fn new(channel_prefix: &str) -> Nodes {
+        Nodes {
+            set: format!("{{{channel_prefix}presence}}:nodes"),
+            prefix: channel_prefix.to_owned(),
+        }
     }
+
+    /// The key of the node set (to route the call by).
+    pub fn set(&self) -> &str {
+        &self.set
+    }
+
+    /// Node `node`'s rooms hash.
+    pub fn rooms_of(&self, node: &str) -> String {
+        format!("{{{}presence:{node}}}:rooms", self.prefix)
+    }
+
+    /// Renew (`Counts`), read (`Read`) or remove (`Leaving`) `node` in the
+    /// node set: answers the live nodes.
+    pub fn live(&self, mode: Mode, node: &str, fresh: Duration) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(NODES)
+            .arg(1)
+            .arg(&self.set)
+            .arg(mode.name())
+            .arg(node)
+            .arg(ms(fresh))
+            .arg(ms(fresh * 2));
+        cmd
+    }
+
+    /// Replace `node`'s rooms hash with `rooms` (kept twice `fresh`).
+    pub fn replace(&self, node: &str, rooms: &[(&str, u64)], fresh: Duration) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(REPLACE)
+            .arg(1)
+            .arg(self.rooms_of(node))
+            .arg(ms(fresh * 2));
+        for (room, online) in rooms {
+            cmd.arg(*room).arg(*online);
+        }
+        cmd
+    }
+}
+
+/// The node ids a [`Nodes::live`] call answered.
+pub fn live(reply: Value) -> Option<Vec<String>> {
+    redis::from_redis_value(reply).ok()
+}
+
+/// Add a node's rooms hash (HGETALL) to `sums`.
+pub fn add_rooms(reply: Value, sums: &mut HashMap<String, u64>) -> Option<()> {
+    let rooms: HashMap<String, u64> = redis::from_redis_value(reply).ok()?;
+    for (room, online) in rooms {
+        *sums.entry(room).or_default() += online;
+    }
+    Some(())
 }
