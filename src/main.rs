@@ -28,7 +28,24 @@ struct Args {
     /// Validate the configuration, print it as TOML (secrets redacted), and exit.
     #[arg(long)]
     check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
 }
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Ask the running node on `server.listen` (from the same configuration)
+    /// for its health: exit 0 if it answers 200 within 2 s, else 1. For
+    /// container health checks: the image needs no curl.
+    Healthcheck {
+        /// The endpoint to ask: /healthz (alive) or /readyz (ready for clients).
+        #[arg(long, default_value = "/healthz")]
+        path: String,
+    },
+}
+
+/// How long `roomcast healthcheck` waits for each step.
+const HEALTHCHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Exit code of a second stop signal during the drain (128 + SIGINT, as shells do).
 const EXIT_INTERRUPTED: u8 = 130;
@@ -52,6 +69,9 @@ fn main() -> ExitCode {
     if args.check_config {
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
+    }
+    if let Some(Command::Healthcheck { path }) = args.command {
+        return healthcheck(config.listen, &path);
     }
     // RUST_LOG, when set, was validated with the configuration.
     let filter = match std::env::var("RUST_LOG") {
@@ -78,6 +98,43 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(serve(config))
+}
+
+/// `roomcast healthcheck`: one HTTP/1.1 GET of `path` on `listen` (its
+/// loopback address when it listens on every address).
+fn healthcheck(listen: std::net::SocketAddr, path: &str) -> ExitCode {
+    use std::io::{Read, Write};
+    let mut addr = listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let ask = || -> std::io::Result<String> {
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, HEALTHCHECK_TIMEOUT)?;
+        stream.set_read_timeout(Some(HEALTHCHECK_TIMEOUT))?;
+        stream.set_write_timeout(Some(HEALTHCHECK_TIMEOUT))?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut head = [0u8; 512];
+        let n = stream.read(&mut head)?;
+        let text = String::from_utf8_lossy(&head[..n]);
+        Ok(text.lines().next().unwrap_or("").to_owned())
+    };
+    match ask() {
+        Ok(status) if status.split(' ').nth(1) == Some("200") => ExitCode::SUCCESS,
+        Ok(status) => {
+            eprintln!("roomcast healthcheck: {addr}{path} answered {status:?}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("roomcast healthcheck: {addr}{path}: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn serve(config: Config) -> ExitCode {

@@ -65,6 +65,7 @@ pub struct Metrics {
     pub presence_reports: IntCounter,
     pub presence_report_failures: IntCounter,
     pub presence_nodes: IntGauge,
+    pub ready: IntGauge,
 }
 
 impl Metrics {
@@ -292,11 +293,15 @@ impl Metrics {
             )?,
             presence_report_failures: counter(
                 "roomcast_presence_report_failures_total",
-                "Reports of this node's per-room counts the bus did not confirm (none is attempted while the bus is down)",
+                "Reports of this node's per-room counts the bus did not confirm (not counted while the bus is down)",
             )?,
             presence_nodes: int_gauge(
                 "roomcast_presence_nodes",
                 "Nodes in this node's last view of the cluster's online counts, this one included",
+            )?,
+            ready: int_gauge(
+                "roomcast_ready",
+                "1 while /readyz answers ready (bus up, not draining), else 0",
             )?,
             registry,
         })

@@ -323,6 +323,7 @@ async fn answer(edge: &Edge, peer: SocketAddr, req: Request<Incoming>) -> Respon
     match (req.method(), path) {
         (&Method::GET, "/ws") => upgrade(gw, edge.connections.clone(), peer, req).await,
         (&Method::GET, "/metrics") => {
+            gw.metrics.ready.set(i64::from(gw.ready()));
             let mut resp = Response::new(Full::new(Bytes::from(gw.metrics.render())));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,

@@ -24,4 +24,5 @@ mod raw;
 mod recovery;
 mod redis_cluster;
 mod slow;
+mod stack;
 mod tls;
