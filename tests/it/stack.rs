@@ -374,12 +374,21 @@ async fn the_compose_topology_counts_online_users_follows_a_drain_and_alerts_on_
         prometheus.scalar("roomcast:online_users:sum").await == Some(9.0)
     })
     .await;
+    let gone = BTreeSet::from([nodes[0].internal.to_string()]);
+    eventually("RoomcastNodeDown to fire for the stopped node", || async {
+        prometheus.alerts("RoomcastNodeDown", "firing").await == gone
+    })
+    .await;
 
     // Redis stops: the bus alert fires for both running nodes.
     redis.kill();
     let running: BTreeSet<String> = nodes[1..].iter().map(|n| n.internal.to_string()).collect();
     eventually("RoomcastBusDown to fire for both running nodes", || async {
         prometheus.alerts("RoomcastBusDown", "firing").await == running
+    })
+    .await;
+    eventually("RoomcastNodeNotReady to fire for them too", || async {
+        prometheus.alerts("RoomcastNodeNotReady", "firing").await == running
     })
     .await;
 }
