@@ -90,6 +90,7 @@ pub struct Config {
     pub aggregate_window: Duration,
     pub heartbeat: Heartbeat,
     pub presence: PresenceConfig,
+    pub demo: DemoConfig,
     /// Period over which clients are closed on shutdown.
     pub drain: Duration,
     pub log: LogConfig,
@@ -241,6 +242,16 @@ pub struct PresenceConfig {
     pub watch_ttl: Duration,
 }
 
+/// The demo page at `/` and its development tokens.
+#[derive(Debug, Clone)]
+pub struct DemoConfig {
+    /// Serve the live-room demo page at `/`.
+    pub enabled: bool,
+    /// Hand out signed tokens at `/demo/token?user=…` to anyone who asks:
+    /// for trying the demo with names, never for production.
+    pub dev_tokens: bool,
+}
+
 /// Shortest `presence.report_interval`: every node reads its rooms'
 /// counts four times per interval.
 pub const MIN_REPORT_INTERVAL: Duration = Duration::from_millis(100);
@@ -267,6 +278,7 @@ struct Raw {
     aggregate: RawAggregate,
     heartbeat: RawHeartbeat,
     presence: RawPresence,
+    demo: RawDemo,
     shutdown: RawShutdown,
     log: RawLog,
 }
@@ -374,6 +386,13 @@ struct RawPresence {
     report_interval: String,
     throttle: String,
     watch_ttl: String,
+}
+
+#[derive(Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawDemo {
+    enabled: bool,
+    dev_tokens: bool,
 }
 
 #[derive(Deserialize, Serialize, Clone)]
@@ -806,6 +825,16 @@ impl Raw {
             ));
         }
         let presence = presence(&self.presence)?;
+        if self.demo.dev_tokens && auth.algorithm != Some(jsonwebtoken::Algorithm::HS256) {
+            return Err(invalid(
+                "demo.dev_tokens",
+                "needs auth.algorithm = \"HS256\" (the node signs the tokens with auth.secret)",
+            ));
+        }
+        let demo = DemoConfig {
+            enabled: self.demo.enabled,
+            dev_tokens: self.demo.dev_tokens,
+        };
         let json = match self.log.format.as_str() {
             "text" => false,
             "json" => true,
@@ -829,6 +858,7 @@ impl Raw {
             aggregate_window,
             heartbeat,
             presence,
+            demo,
             drain: duration("shutdown.drain", &self.shutdown.drain)?,
             log: LogConfig {
                 json,

@@ -73,6 +73,7 @@ pub mod protocol;
 pub mod server;
 pub(crate) mod session;
 pub mod topic;
+pub mod web;
 pub mod ws;
 
 pub use config::Config;

@@ -41,6 +41,7 @@ use crate::listener::{self, Edge};
 use crate::metrics::Metrics;
 use crate::protocol;
 use crate::topic::Topic;
+use crate::web;
 use crate::ws::close;
 use crate::{aggregate, api, bus, expiry, heartbeat, presence};
 
@@ -321,7 +322,21 @@ async fn answer(edge: &Edge, peer: SocketAddr, req: Request<Incoming>) -> Respon
         }
     }
     match (req.method(), path) {
-        (&Method::GET, "/ws") => upgrade(gw, edge.connections.clone(), peer, req).await,
+        (&Method::GET, "/ws") => {
+            // The refusal is readable by the page that tried (the SDK asks
+            // for it), if its origin may connect at all.
+            let origin = req.headers().get(header::ORIGIN).cloned();
+            let mut resp = upgrade(gw.clone(), edge.connections.clone(), peer, req).await;
+            if let Some(origin) = origin.filter(|o| origin_allowed(&gw, o)) {
+                if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                    resp.headers_mut()
+                        .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+                    resp.headers_mut()
+                        .insert(header::VARY, HeaderValue::from_static("Origin"));
+                }
+            }
+            resp
+        }
         (&Method::GET, "/metrics") => {
             gw.metrics.ready.set(i64::from(gw.ready()));
             let mut resp = Response::new(Full::new(Bytes::from(gw.metrics.render())));
@@ -348,12 +363,23 @@ async fn answer(edge: &Edge, peer: SocketAddr, req: Request<Incoming>) -> Respon
         (&Method::POST, "/api/publish") => api::publish(gw, req).await,
         (&Method::GET, "/api/rooms") => api::rooms(&gw, req.uri().query().unwrap_or("")).await,
         (&Method::GET, p) if p.starts_with(ROOMS) => api::room(gw, &p[ROOMS.len()..]).await,
+        (&Method::GET, "/") => web::demo(&gw, req.headers()),
+        (&Method::GET, "/demo/token") => web::dev_token(&gw, req.uri().query().unwrap_or("")),
+        (&Method::GET, p) if p.starts_with("/sdk/") => web::sdk(p, req.headers())
+            .unwrap_or_else(|| refuse(ErrorCode::NotFound, "no such SDK file")),
         (_, "/ws" | "/metrics" | "/healthz" | "/readyz" | "/api/publish" | "/api/rooms") => {
             refuse(ErrorCode::MethodNotAllowed, "method not allowed")
         }
         (_, p) if p.starts_with(ROOMS) => refuse(ErrorCode::MethodNotAllowed, "method not allowed"),
         _ => refuse(ErrorCode::NotFound, "no such endpoint"),
     }
+}
+
+/// `server.allowed_origins` is empty (any origin) or names `origin`.
+fn origin_allowed(gw: &Gateway, origin: &HeaderValue) -> bool {
+    let allowed = &gw.config.server.allowed_origins;
+    let origin = origin.to_str().unwrap_or("");
+    allowed.is_empty() || allowed.iter().any(|a| a.eq_ignore_ascii_case(origin))
 }
 
 fn header_has(req: &Request<Incoming>, name: header::HeaderName, token: &str) -> bool {
@@ -382,9 +408,8 @@ async fn upgrade(
         return refuse(ErrorCode::ShuttingDown, "this node is shutting down");
     }
     if let Some(origin) = req.headers().get(header::ORIGIN) {
-        let allowed = &gw.config.server.allowed_origins;
-        let origin = origin.to_str().unwrap_or("");
-        if !allowed.is_empty() && !allowed.iter().any(|a| a.eq_ignore_ascii_case(origin)) {
+        if !origin_allowed(&gw, origin) {
+            let origin = origin.to_str().unwrap_or("");
             return refuse(
                 ErrorCode::Forbidden,
                 &format!("origin {origin:?} is not in server.allowed_origins"),
@@ -430,30 +455,31 @@ async fn upgrade(
             "a WebSocket handshake needs HTTP/1.1",
         );
     }
+    // A plain GET (no upgrade) is answered with the refusal the handshake
+    // would get, or 426: a browser cannot see why a handshake failed, so
+    // the SDK asks this way (clients/js/roomcast.js, `handshakeFailed`).
     let key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
-    let (Some(key), true, true) = (
-        key,
-        header_has(&req, header::UPGRADE, "websocket"),
-        header_has(&req, header::CONNECTION, "upgrade"),
-    ) else {
-        return refuse(
-            ErrorCode::NotWebsocket,
-            "this endpoint speaks WebSocket only",
-        );
+    let upgrading = header_has(&req, header::UPGRADE, "websocket")
+        && header_has(&req, header::CONNECTION, "upgrade");
+    let key = match (key, upgrading) {
+        (Some(key), true) => Some(key),
+        _ => None,
     };
-    if !valid_ws_key(key.as_bytes()) {
-        return refuse(
-            ErrorCode::BadRequest,
-            "Sec-WebSocket-Key must be 16 bytes in base64",
-        );
-    }
-    if req
-        .headers()
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .map(|v| v.as_bytes())
-        != Some(b"13")
-    {
-        return refuse(ErrorCode::BadRequest, "Sec-WebSocket-Version must be 13");
+    if let Some(key) = &key {
+        if !valid_ws_key(key.as_bytes()) {
+            return refuse(
+                ErrorCode::BadRequest,
+                "Sec-WebSocket-Key must be 16 bytes in base64",
+            );
+        }
+        if req
+            .headers()
+            .get(header::SEC_WEBSOCKET_VERSION)
+            .map(|v| v.as_bytes())
+            != Some(b"13")
+        {
+            return refuse(ErrorCode::BadRequest, "Sec-WebSocket-Version must be 13");
+        }
     }
     let max_rooms = gw.config.limits.max_rooms_per_connection;
     let (format, rooms, token, since) =
@@ -475,6 +501,12 @@ async fn upgrade(
     let identity = match authenticate(&gw, token.as_deref(), &rooms) {
         Ok(identity) => identity,
         Err(r) => return refuse_with(&r),
+    };
+    let Some(key) = key else {
+        return refuse(
+            ErrorCode::NotWebsocket,
+            "this endpoint speaks WebSocket only",
+        );
     };
     // Subscribe the rooms before answering, so the client receives every
     // message published after it sees the handshake complete.

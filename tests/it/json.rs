@@ -217,10 +217,19 @@ async fn bad_handshakes_get_http_errors_with_json_bodies() {
             other => panic!("{path}: expected an HTTP error, got {other}"),
         }
     }
-    // Plain HTTP on /ws, and unknown paths.
-    let (status, body) = node.get("/ws?room=a").await;
+    // Plain HTTP on /ws: the refusal the handshake would get (the SDK asks
+    // this way: a browser cannot read a failed handshake's status), else 426.
+    let (status, body) = http_with(node.addr, "GET", "/ws?room=a", "", "").await;
     assert_eq!(status, 426);
     assert!(body.contains("not_websocket"));
+    let (status, body) = http_with(node.addr, "GET", "/ws?room=a%20b", "", "").await;
+    assert_eq!((status, body.contains("bad_room")), (400, true), "{body}");
+    let (status, body) = http_with(node.addr, "GET", "/ws?token=x.y.z", "", "").await;
+    assert_eq!(
+        (status, body.contains("unauthorized")),
+        (401, true),
+        "{body}"
+    );
     let (status, body) = node.get("/nope").await;
     assert_eq!((status, body.contains("not_found")), (404, true));
 }

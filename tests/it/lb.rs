@@ -41,8 +41,19 @@ async fn clients_behind_the_shipped_nginx_config_share_rooms_across_nodes() {
         }
     }
     // The public server routes neither the API nor metrics (a web page a
-    // viewer opens must not be able to publish), nor anything else.
-    for (method, path) in [("POST", "/api/publish"), ("GET", "/metrics"), ("GET", "/")] {
+    // viewer opens must not be able to publish), nor anything else but the
+    // browser side: the demo page and the SDK.
+    for path in ["/", "/sdk/roomcast.js"] {
+        let (status, body) = http(lb.public(), "GET", path, "").await;
+        assert_eq!(status, 200, "GET {path} through nginx");
+        assert!(body.contains("Roomcast"), "GET {path}: {body:.80}");
+    }
+    for (method, path) in [
+        ("POST", "/api/publish"),
+        ("GET", "/metrics"),
+        ("GET", "/sdk/../metrics"),
+        ("GET", "/other"),
+    ] {
         let (status, body) = http(lb.public(), method, path, publish).await;
         assert_eq!(status, 404, "{method} {path}: {body}");
         assert!(body.contains("not_found"), "{body}");

@@ -6,6 +6,7 @@ mod util;
 mod abuse;
 mod api;
 mod auth;
+mod browser;
 mod canary;
 mod cluster;
 mod config;

@@ -401,13 +401,32 @@ fn yaml_documents(text: &str) -> Vec<Value> {
         .collect()
 }
 
+/// A compose volume's (source, target), in either syntax `config` prints.
+fn mount(volume: &Value) -> (String, String) {
+    match volume.as_str() {
+        Some(short) => {
+            let mut parts = short.split(':');
+            let source = parts.next().unwrap_or_default().to_owned();
+            (source, parts.next().unwrap_or_default().to_owned())
+        }
+        None => (
+            volume["source"].as_str().expect("volume source").to_owned(),
+            volume["target"].as_str().expect("volume target").to_owned(),
+        ),
+    }
+}
+
 /// `roomcast`'s own configuration loader takes `env` (names and values).
-fn assert_roomcast_takes(what: &str, env: Vec<(String, String)>) -> roomcast::Config {
+fn assert_roomcast_takes(
+    what: &str,
+    file: Option<&Path>,
+    env: Vec<(String, String)>,
+) -> roomcast::Config {
     assert!(
         env.iter().any(|(k, _)| k.starts_with("ROOMCAST__")),
         "{what}: no ROOMCAST__ settings"
     );
-    roomcast::Config::load(None, env)
+    roomcast::Config::load(file, env)
         .unwrap_or_else(|e| panic!("{what}: roomcast refuses its environment: {e}"))
 }
 
@@ -462,11 +481,13 @@ fn the_deploy_files_pass_promtool_compose_and_roomcasts_own_config_check() {
     let services = resolved["services"].as_object().expect("services");
     let mut nodes = 0;
     for (name, service) in services {
-        for volume in service["volumes"].as_array().into_iter().flatten() {
-            let source = volume["source"]
-                .as_str()
-                .or_else(|| volume.as_str().and_then(|v| v.split(':').next()))
-                .expect("volume source");
+        let mounts: Vec<(String, String)> = service["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(mount)
+            .collect();
+        for (source, _) in &mounts {
             assert!(
                 Path::new(source).exists(),
                 "{name} mounts {source}, which is not in the repository"
@@ -480,7 +501,30 @@ fn the_deploy_files_pass_promtool_compose_and_roomcasts_own_config_check() {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
                 .collect();
-            let config = assert_roomcast_takes(&format!("compose service {name}"), env);
+            // `--config` names a file mounted from deploy/: load that one.
+            let command: Vec<&str> = service["command"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            let file = match command.as_slice() {
+                ["--config", inside] => {
+                    let (source, _) = mounts
+                        .iter()
+                        .find(|(_, target)| target == inside)
+                        .unwrap_or_else(|| panic!("{name}: --config {inside} is not mounted"));
+                    Some(PathBuf::from(source))
+                }
+                [] => None,
+                other => panic!("{name}: unexpected command {other:?}"),
+            };
+            let config =
+                assert_roomcast_takes(&format!("compose service {name}"), file.as_deref(), env);
+            assert!(
+                file.is_none() || config.namespaces.of("live:demo").history.is_some(),
+                "{name}: the demo's live: rooms keep history"
+            );
             assert_eq!(config.node_id, *name, "node.id of {name}");
             let test = service["healthcheck"]["test"]
                 .as_array()
@@ -567,7 +611,7 @@ fn the_kubernetes_manifests_probe_the_right_ports_and_outlast_the_drain() {
             (name, value)
         })
         .collect();
-    let config = assert_roomcast_takes("the Deployment", env);
+    let config = assert_roomcast_takes("the Deployment", None, env);
     assert_eq!(
         Some(u64::from(config.listen.port())),
         ports.get("ws").copied(),
