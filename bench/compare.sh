@@ -9,6 +9,8 @@
 #   roomcast-base  another roomcast binary, BASE_BIN (e.g. a build of an earlier commit), for an
 #              A/B inside one run; name kinds more than once to alternate them:
 #   BASE_BIN=/tmp/base/release/roomcast SERVERS="roomcast-base roomcast roomcast-base roomcast" bash bench/compare.sh
+#   (ROOMCAST_ENV and BASE_ENV add KEY=VALUE settings to each kind: the same binary with two
+#   settings, e.g. BASE_ENV=ROOMCAST__FANOUT__WORKERS=1 ROOMCAST_ENV=ROOMCAST__FANOUT__WORKERS=2)
 #
 #   bash bench/compare.sh                 # standard fan-out scenario
 #   QUICK=1 bash bench/compare.sh         # short smoke run
@@ -73,8 +75,10 @@ fi
 SERVERS=${SERVERS:-roomcast node-ws}   # add uws (uWebSockets.js) and/or python-ws (single-process Python)
 NODES=${NODES:-1}                   # server processes per server kind, all on SERVER_CPU, one Redis
 ROOMCAST_PROTOCOLS=${ROOMCAST_PROTOCOLS:-json}   # e.g. "json raw"
+ROOMCAST_ENV=${ROOMCAST_ENV:-}      # KEY=VALUE settings for the roomcast kind (see above)
+BASE_ENV=${BASE_ENV:-}              # the same for roomcast-base
 # Not for the servers started below (roomcast checks ROOMCAST_* variables).
-export -n ROOMCAST_PROTOCOLS
+export -n ROOMCAST_PROTOCOLS ROOMCAST_ENV
 SERVER_CPU=${SERVER_CPU:-0}         # core for Redis and the server under test
 BENCH_CPU=${BENCH_CPU:-1}           # core for the load generator
 SKIP_BUILD=${SKIP_BUILD:-0}
@@ -310,8 +314,15 @@ start_server() { # start_server NAME LOGFILE [CONFIG]: NODES processes of one ki
     port=$(free_port)
     case $name in
       roomcast | roomcast-base)
-        local bin=$ROOMCAST_BIN auth_env=() config_args=()
+        local bin=$ROOMCAST_BIN auth_env=() config_args=() extra_env=()
         [[ $name == roomcast ]] || bin=$BASE_BIN
+        # ROOMCAST_ENV / BASE_ENV: space-separated KEY=VALUE settings for one kind
+        # (e.g. ROOMCAST__FANOUT__WORKERS=2 against BASE_ENV=ROOMCAST__FANOUT__WORKERS=1).
+        if [[ $name == roomcast ]]; then
+          read -r -a extra_env <<<"${ROOMCAST_ENV:-}"
+        else
+          read -r -a extra_env <<<"${BASE_ENV:-}"
+        fi
         [[ -z $config ]] || config_args=(--config "$config")
         if [[ $name == roomcast && $AUTH == 1 ]]; then
           auth_env=(ROOMCAST__AUTH__ALGORITHM=HS256 ROOMCAST__AUTH__SECRET="$AUTH_SECRET"
@@ -325,6 +336,7 @@ start_server() { # start_server NAME LOGFILE [CONFIG]: NODES processes of one ki
           ROOMCAST__LOG__LEVEL=warn \
           ROOMCAST__SHUTDOWN__DRAIN=1s \
           ROOMCAST__LIMITS__MESSAGES_PER_SECOND=0 \
+          "${extra_env[@]}" \
           taskset -c "$SERVER_CPU" "$bin" "${config_args[@]}" >"$logf.$i" 2>&1 &
         pid=$!
         PIDS+=("$pid")

@@ -91,6 +91,9 @@ pub struct Config {
     pub heartbeat: Heartbeat,
     pub presence: PresenceConfig,
     pub demo: DemoConfig,
+    /// Threads that write batches to clients (`fanout.workers`; 0 in the
+    /// file = one per core).
+    pub fanout_workers: usize,
     /// Period over which clients are closed on shutdown.
     pub drain: Duration,
     pub log: LogConfig,
@@ -279,6 +282,7 @@ struct Raw {
     heartbeat: RawHeartbeat,
     presence: RawPresence,
     demo: RawDemo,
+    fanout: RawFanout,
     shutdown: RawShutdown,
     log: RawLog,
 }
@@ -386,6 +390,12 @@ struct RawPresence {
     report_interval: String,
     throttle: String,
     watch_ttl: String,
+}
+
+#[derive(Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawFanout {
+    workers: usize,
 }
 
 #[derive(Deserialize, Serialize, Clone)]
@@ -831,6 +841,17 @@ impl Raw {
                 "needs auth.algorithm = \"HS256\" (the node signs the tokens with auth.secret)",
             ));
         }
+        let fanout_workers = match self.fanout.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n if n > crate::fanout::MAX_WORKERS => {
+                return Err(invalid(
+                    "fanout.workers",
+                    format!("at most {} (0: one per core)", crate::fanout::MAX_WORKERS),
+                ))
+            }
+            n => n,
+        }
+        .min(crate::fanout::MAX_WORKERS);
         let demo = DemoConfig {
             enabled: self.demo.enabled,
             dev_tokens: self.demo.dev_tokens,
@@ -859,6 +880,7 @@ impl Raw {
             heartbeat,
             presence,
             demo,
+            fanout_workers,
             drain: duration("shutdown.drain", &self.shutdown.drain)?,
             log: LogConfig {
                 json,

@@ -12,7 +12,8 @@
 //!   write lock is held, so the bus sees them in the order the map changed:
 //!   a join racing an unsubscribe always ends subscribed.
 //! - The fan-out takes a snapshot of a room's members under a read lock and
-//!   writes to sockets with no lock held (see `members.rs`).
+//!   writes to sockets with no lock held (see `members.rs`), on
+//!   `fanout.workers` cores (`fanout.rs`).
 //! - A bus payload is parsed and framed once per node, then the same bytes
 //!   go to every local recipient.
 //! - Every leave of a room (not a user topic) marks the room changed, for
@@ -39,6 +40,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::bus::{Deliver, SubCmd};
+use crate::fanout::{Batch, Fanout};
 use crate::members::{Keyed, Members};
 use crate::metrics::Metrics;
 use crate::peer::{Peer, Sent};
@@ -80,7 +82,7 @@ struct Waiter {
 const MAX_HELD: usize = 10_000;
 
 /// Whether a message stamped `stamp` comes after position `at`.
-fn after(stamp: Option<Stamp>, at: Stamp) -> bool {
+pub(crate) fn after(stamp: Option<Stamp>, at: Stamp) -> bool {
     match stamp {
         None => true,
         Some(s) => s.epoch != at.epoch || s.seq > at.seq,
@@ -97,6 +99,8 @@ pub struct Hub {
     changed: Mutex<HashSet<Topic>>,
     /// Fires when `changed` gained a room.
     changes: Notify,
+    /// Writes batches to members, on `fanout.workers` cores.
+    fanout: Fanout,
 }
 
 /// Keeps a room subscribed until dropped (see [`Hub::pin`]).
@@ -113,9 +117,13 @@ impl Drop for RoomPin {
 
 impl Hub {
     /// A hub and the receiving end of its subscription commands (for the bus).
-    pub fn new(metrics: Arc<Metrics>) -> (Arc<Hub>, mpsc::UnboundedReceiver<SubCmd>) {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        fanout_workers: usize,
+    ) -> (Arc<Hub>, mpsc::UnboundedReceiver<SubCmd>) {
         let (subs, rx) = mpsc::unbounded_channel();
         let hub = Hub {
+            fanout: Fanout::new(fanout_workers, metrics.clone()),
             rooms: RwLock::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
             subs,
@@ -363,28 +371,12 @@ impl Hub {
         }
         self.metrics.bus_received.inc_by(payloads.len() as u64);
         // Slow consumers are counted when their connection ends (conn.rs).
-        let mut delivered = 0u64;
-        for peer in members.iter() {
-            let floor = floors.iter().find(|(p, _)| *p == peer.seq);
-            let Some(&(_, at)) = floor else {
-                if peer.send(out.frame_for(peer.format)) == Sent::Delivered {
-                    delivered += outgoing.len() as u64;
-                }
-                continue;
-            };
-            // Joined at a position this batch may not have reached yet.
-            let rest: Vec<Outgoing> = outgoing
-                .iter()
-                .filter(|o| after(o.stamp, at))
-                .cloned()
-                .collect();
-            if let Some(o) = Outgoing::concat(&rest) {
-                if peer.send(o.frame_for(peer.format)) == Sent::Delivered {
-                    delivered += rest.len() as u64;
-                }
-            }
-        }
-        self.metrics.deliveries.inc_by(delivered);
+        self.fanout.deliver(Batch {
+            members,
+            outgoing,
+            out,
+            floors,
+        });
     }
 
     pub fn register(&self, peer: Arc<Peer>) {
@@ -555,7 +547,7 @@ mod tests {
     #[tokio::test]
     async fn a_held_join_gets_the_replay_then_live_without_gap_or_duplicate() {
         let metrics = Arc::new(Metrics::new(prometheus::Registry::new()).unwrap());
-        let (hub, mut subs) = Hub::new(metrics);
+        let (hub, mut subs) = Hub::new(metrics, 1);
         let topic = Topic::room("h:1");
         let (member, mut member_client) = peer(1).await;
         let (joiner, mut joiner_client) = peer(2).await;
@@ -598,7 +590,7 @@ mod tests {
     #[tokio::test]
     async fn an_abandoned_hold_sends_nothing_and_unsubscribes_an_empty_room() {
         let metrics = Arc::new(Metrics::new(prometheus::Registry::new()).unwrap());
-        let (hub, mut subs) = Hub::new(metrics);
+        let (hub, mut subs) = Hub::new(metrics, 1);
         let topic = Topic::room("h:2");
         let (joiner, mut client) = peer(1).await;
         hub.hold(&topic, &joiner);

@@ -59,6 +59,7 @@ pub mod config;
 pub(crate) mod conn;
 pub mod error;
 pub(crate) mod expiry;
+pub(crate) mod fanout;
 pub(crate) mod gateway;
 pub(crate) mod heartbeat;
 pub(crate) mod hub;
@@ -73,7 +74,7 @@ pub mod protocol;
 pub mod server;
 pub(crate) mod session;
 pub mod topic;
-pub mod web;
+pub(crate) mod web;
 pub mod ws;
 
 pub use config::Config;

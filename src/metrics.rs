@@ -66,6 +66,7 @@ pub struct Metrics {
     pub presence_report_failures: IntCounter,
     pub presence_nodes: IntGauge,
     pub ready: IntGauge,
+    pub fanout_workers: IntGauge,
 }
 
 impl Metrics {
@@ -302,6 +303,10 @@ impl Metrics {
             ready: int_gauge(
                 "roomcast_ready",
                 "1 while /readyz answers ready (bus up, not draining), else 0",
+            )?,
+            fanout_workers: int_gauge(
+                "roomcast_fanout_workers",
+                "Threads writing messages to clients (fanout.workers)",
             )?,
             registry,
         })

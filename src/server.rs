@@ -138,7 +138,7 @@ pub async fn run(
         config.server.max_pending_connections = budget.max_pending;
     }
     let metrics = Arc::new(Metrics::new(registry)?);
-    let (hub, subs) = Hub::new(metrics.clone());
+    let (hub, subs) = Hub::new(metrics.clone(), config.fanout_workers);
     let background = TaskTracker::new();
     let stop = CancellationToken::new();
     let node_id = config.node_id();

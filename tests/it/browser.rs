@@ -77,6 +77,8 @@ async fn run_node(what: &str, args: &[&str], env: &[(&str, String)]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sdk_passes_its_tests_against_real_nodes() {
+    // Heavy (node processes): not beside a Redis-fault test, whose timing it would stretch.
+    let _alone = REDIS_FAULTS.lock().await;
     let redis = Redis::start().await;
     let env = [
         ("ROOMCAST_BIN", env!("CARGO_BIN_EXE_roomcast").to_owned()),
@@ -107,6 +109,8 @@ async fn the_demo_page_works_in_chromium_across_a_graceful_node_shutdown() {
         js_dir().join("node_modules/playwright-core").exists(),
         "playwright-core is not installed: run `npm ci --prefix clients/js`"
     );
+    // Heavy (a browser): not beside a Redis-fault test, whose timing it would stretch.
+    let _alone = REDIS_FAULTS.lock().await;
     let redis = Redis::start().await;
     // The compose stack's settings (the demo's live: rooms keep history).
     let config = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/roomcast.toml");

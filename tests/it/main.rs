@@ -11,6 +11,7 @@ mod canary;
 mod cluster;
 mod config;
 mod edge;
+mod fanout;
 mod frames;
 mod history;
 mod json;

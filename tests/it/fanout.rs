@@ -1,0 +1,96 @@
+//! Fan-out on several workers (`fanout.workers` > 1): every client gets
+//! every message of its rooms exactly once, and the messages of a room in
+//! the same order as every other member of the room, whichever worker
+//! writes to it.
+
+use std::collections::BTreeMap;
+
+use serde_json::json;
+
+use crate::util::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_four_workers_every_viewer_gets_each_message_once_in_the_rooms_order() {
+    let node = Node::ready(config(&[
+        ("ROOMCAST__FANOUT__WORKERS", "4"),
+        ("ROOMCAST__LIMITS__MESSAGES_PER_SECOND", "0"),
+    ]))
+    .await;
+    assert_eq!(node.metric("roomcast_fanout_workers").await, 4.0);
+    const ROOMS: usize = 3;
+    const PUBLISHERS: usize = 2;
+    const MESSAGES: u64 = 40;
+    const VIEWERS: usize = 30;
+    let rooms: Vec<String> = (0..ROOMS).map(|r| format!("fan{r}")).collect();
+    // Viewer v is in rooms v % ROOMS and (v + 1) % ROOMS; viewers never send.
+    let mut viewers = Vec::new();
+    for v in 0..VIEWERS {
+        let mine = [&rooms[v % ROOMS], &rooms[(v + 1) % ROOMS]];
+        let (c, _) = Client::json(&node, &[mine[0].as_str(), mine[1].as_str()]).await;
+        viewers.push((c, mine.map(|r| r.clone())));
+    }
+    let mut publishers = Vec::new();
+    for room in &rooms {
+        for _ in 0..PUBLISHERS {
+            publishers.push((Client::json(&node, &[room.as_str()]).await.0, room.clone()));
+        }
+    }
+    // All publishers at once, interleaved: n = 1..=MESSAGES each.
+    let sends = publishers
+        .iter_mut()
+        .enumerate()
+        .map(|(p, (client, room))| async move {
+            for n in 1..=MESSAGES {
+                let frame = send_frame(room, "danmaku", json!({"p": p, "n": n}));
+                client.send_json(frame).await;
+            }
+        });
+    futures::future::join_all(sends).await;
+    // What each viewer got, per room: (publisher, n) in arrival order.
+    let expected = PUBLISHERS as u64 * MESSAGES;
+    let mut orders: BTreeMap<String, Vec<Vec<(u64, u64)>>> = BTreeMap::new();
+    for (viewer, mine) in viewers.iter_mut() {
+        let mut got: BTreeMap<String, Vec<(u64, u64)>> = BTreeMap::new();
+        while got.values().map(|v| v.len() as u64).sum::<u64>() < 2 * expected {
+            let f = viewer.recv_json().await;
+            if f["op"] != "msg" {
+                continue;
+            }
+            let room = f["room"].as_str().expect("room").to_owned();
+            assert!(
+                mine.contains(&room),
+                "a message of {room}, not a room of this viewer"
+            );
+            let key = (
+                f["data"]["p"].as_u64().unwrap(),
+                f["data"]["n"].as_u64().unwrap(),
+            );
+            got.entry(room).or_default().push(key);
+        }
+        for (room, seen) in got {
+            // Each publisher's messages once each, in its order.
+            let mut by_publisher: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+            for (p, n) in &seen {
+                by_publisher.entry(*p).or_default().push(*n);
+            }
+            for (p, ns) in &by_publisher {
+                assert_eq!(
+                    ns,
+                    &(1..=MESSAGES).collect::<Vec<_>>(),
+                    "publisher {p} in {room}: each message once, in order"
+                );
+            }
+            orders.entry(room).or_default().push(seen);
+        }
+    }
+    // Every viewer of a room saw its messages in one and the same order.
+    for (room, seen) in &orders {
+        assert!(seen.len() >= 2, "{room} has several viewers");
+        for other in &seen[1..] {
+            assert_eq!(other, &seen[0], "{room}: the same order for every viewer");
+        }
+    }
+    assert!(
+        node.metric("roomcast_deliveries_total").await >= (VIEWERS as u64 * 2 * expected) as f64
+    );
+}
