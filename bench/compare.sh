@@ -10,7 +10,8 @@
 #              A/B inside one run; name kinds more than once to alternate them:
 #   BASE_BIN=/tmp/base/release/roomcast SERVERS="roomcast-base roomcast roomcast-base roomcast" bash bench/compare.sh
 #   (ROOMCAST_ENV and BASE_ENV add KEY=VALUE settings to each kind: the same binary with two
-#   settings, e.g. BASE_ENV=ROOMCAST__FANOUT__WORKERS=1 ROOMCAST_ENV=ROOMCAST__FANOUT__WORKERS=2)
+#   settings, e.g. BASE_ENV=ROOMCAST__FANOUT__WORKERS=1 ROOMCAST_ENV=ROOMCAST__FANOUT__WORKERS=2;
+#   ROOMCAST_CONFIG=<file> runs the roomcast kind with a config file, e.g. rooms that coalesce)
 #
 #   bash bench/compare.sh                 # standard fan-out scenario
 #   QUICK=1 bash bench/compare.sh         # short smoke run
@@ -77,8 +78,9 @@ NODES=${NODES:-1}                   # server processes per server kind, all on S
 ROOMCAST_PROTOCOLS=${ROOMCAST_PROTOCOLS:-json}   # e.g. "json raw"
 ROOMCAST_ENV=${ROOMCAST_ENV:-}      # KEY=VALUE settings for the roomcast kind (see above)
 BASE_ENV=${BASE_ENV:-}              # the same for roomcast-base
+ROOMCAST_CONFIG=${ROOMCAST_CONFIG:-} # a --config file for the roomcast kind
 # Not for the servers started below (roomcast checks ROOMCAST_* variables).
-export -n ROOMCAST_PROTOCOLS ROOMCAST_ENV
+export -n ROOMCAST_PROTOCOLS ROOMCAST_ENV ROOMCAST_CONFIG
 SERVER_CPU=${SERVER_CPU:-0}         # core for Redis and the server under test
 BENCH_CPU=${BENCH_CPU:-1}           # core for the load generator
 SKIP_BUILD=${SKIP_BUILD:-0}
@@ -324,6 +326,10 @@ start_server() { # start_server NAME LOGFILE [CONFIG]: NODES processes of one ki
           read -r -a extra_env <<<"${BASE_ENV:-}"
         fi
         [[ -z $config ]] || config_args=(--config "$config")
+        # ROOMCAST_CONFIG: a config file for the roomcast kind (e.g. a namespace with coalesce).
+        if [[ $name == roomcast && -z $config && -n ${ROOMCAST_CONFIG:-} ]]; then
+          config_args=(--config "$ROOMCAST_CONFIG")
+        fi
         if [[ $name == roomcast && $AUTH == 1 ]]; then
           auth_env=(ROOMCAST__AUTH__ALGORITHM=HS256 ROOMCAST__AUTH__SECRET="$AUTH_SECRET"
             ROOMCAST__AUTH__ANONYMOUS=false)

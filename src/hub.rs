@@ -31,9 +31,12 @@
 //!   that the node has not delivered yet (still on their way through the
 //!   bus) are skipped for it (a *floor*) when they arrive.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
-use std::time::Instant;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
@@ -54,6 +57,9 @@ struct Room {
     pins: usize,
     /// History rooms: the seam between replay and live (see the module doc).
     recovery: Mutex<Recovery>,
+    /// Rooms of a namespace with `coalesce`: messages waiting for the window
+    /// to end (the coalescer flushes them).
+    pending: Mutex<Vec<Outgoing>>,
 }
 
 impl Room {
@@ -101,6 +107,10 @@ pub struct Hub {
     changes: Notify,
     /// Writes batches to members, on `fanout.workers` cores.
     fanout: Fanout,
+    /// Room-name prefix → coalescing window, longest prefix first.
+    coalesce: Vec<(String, Duration)>,
+    /// Rooms whose window began, for the coalescer task.
+    due: mpsc::UnboundedSender<(Instant, Topic)>,
 }
 
 /// Keeps a room subscribed until dropped (see [`Hub::pin`]).
@@ -120,10 +130,17 @@ impl Hub {
     pub fn new(
         metrics: Arc<Metrics>,
         fanout_workers: usize,
+        mut coalesce: Vec<(String, Duration)>,
     ) -> (Arc<Hub>, mpsc::UnboundedReceiver<SubCmd>) {
         let (subs, rx) = mpsc::unbounded_channel();
-        let hub = Hub {
+        let (due, due_rx) = mpsc::unbounded_channel();
+        coalesce.retain(|(_, window)| !window.is_zero());
+        coalesce.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
+        let coalescing = !coalesce.is_empty();
+        let hub = Arc::new(Hub {
             fanout: Fanout::new(fanout_workers, metrics.clone()),
+            coalesce,
+            due,
             rooms: RwLock::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
             subs,
@@ -131,8 +148,11 @@ impl Hub {
             epoch: Instant::now(),
             changed: Mutex::new(HashSet::new()),
             changes: Notify::new(),
-        };
-        (Arc::new(hub), rx)
+        });
+        if coalescing {
+            tokio::spawn(coalescer(Arc::downgrade(&hub), due_rx));
+        }
+        (hub, rx)
     }
 
     /// Milliseconds since this hub started: the clock of heartbeats.
@@ -352,6 +372,51 @@ impl Hub {
                 }
             }
         }
+        self.metrics.bus_received.inc_by(outgoing.len() as u64);
+        if let Some(window) = self.window(target) {
+            // Held for the window: what arrives meanwhile goes out with it.
+            let rooms = self.rooms.read();
+            let Some((topic, room)) = rooms.get_key_value(key) else {
+                return;
+            };
+            let mut pending = room.pending.lock();
+            if pending.is_empty() {
+                let _ = self.due.send((Instant::now() + window, topic.clone()));
+            }
+            pending.append(&mut outgoing);
+            return;
+        }
+        self.fan_out(key, outgoing);
+    }
+
+    /// The coalescing window of a room's namespace, if it has one.
+    fn window(&self, target: Target<'_>) -> Option<Duration> {
+        let Target::Room(room) = target else {
+            return None;
+        };
+        let rule = self
+            .coalesce
+            .iter()
+            .find(|(p, _)| room.starts_with(p.as_str()));
+        rule.map(|(_, window)| *window)
+    }
+
+    /// A coalescing room's window ended: write what it held.
+    fn flush(&self, topic: &Topic) {
+        let outgoing = match self.rooms.read().get(topic) {
+            Some(room) => std::mem::take(&mut *room.pending.lock()),
+            None => return,
+        };
+        self.metrics.coalesce_flushes.inc();
+        self.metrics
+            .coalesced_messages
+            .inc_by(outgoing.len() as u64);
+        self.fan_out(topic.key(), outgoing);
+    }
+
+    /// Write `outgoing` (one room's messages, in order) to the room's
+    /// members, as one write each.
+    fn fan_out(&self, key: &str, outgoing: Vec<Outgoing>) {
         let Some(out) = Outgoing::concat(&outgoing) else {
             return;
         };
@@ -369,7 +434,6 @@ impl Hub {
         if members.is_empty() {
             return;
         }
-        self.metrics.bus_received.inc_by(payloads.len() as u64);
         // Slow consumers are counted when their connection ends (conn.rs).
         self.fanout.deliver(Batch {
             members,
@@ -438,6 +502,31 @@ impl Deliver for Hub {
         }
         for (room, payloads) in groups {
             self.deliver_room(room, &payloads);
+        }
+    }
+}
+
+/// Flush each coalescing room when its window ends, until the hub is gone.
+async fn coalescer(hub: Weak<Hub>, mut due: mpsc::UnboundedReceiver<(Instant, Topic)>) {
+    let mut queue: BinaryHeap<Reverse<(Instant, Topic)>> = BinaryHeap::new();
+    loop {
+        let next = queue.peek().map(|Reverse((at, _))| *at);
+        tokio::select! {
+            added = due.recv() => match added {
+                Some(entry) => queue.push(Reverse(entry)),
+                None => return,
+            },
+            _ = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {
+                let Some(hub) = hub.upgrade() else { return };
+                let now = Instant::now();
+                while let Some(Reverse((at, _))) = queue.peek() {
+                    if *at > now {
+                        break;
+                    }
+                    let Some(Reverse((_, topic))) = queue.pop() else { break };
+                    hub.flush(&topic);
+                }
+            }
         }
     }
 }
@@ -547,7 +636,7 @@ mod tests {
     #[tokio::test]
     async fn a_held_join_gets_the_replay_then_live_without_gap_or_duplicate() {
         let metrics = Arc::new(Metrics::new(prometheus::Registry::new()).unwrap());
-        let (hub, mut subs) = Hub::new(metrics, 1);
+        let (hub, mut subs) = Hub::new(metrics, 1, Vec::new());
         let topic = Topic::room("h:1");
         let (member, mut member_client) = peer(1).await;
         let (joiner, mut joiner_client) = peer(2).await;
@@ -590,7 +679,7 @@ mod tests {
     #[tokio::test]
     async fn an_abandoned_hold_sends_nothing_and_unsubscribes_an_empty_room() {
         let metrics = Arc::new(Metrics::new(prometheus::Registry::new()).unwrap());
-        let (hub, mut subs) = Hub::new(metrics, 1);
+        let (hub, mut subs) = Hub::new(metrics, 1, Vec::new());
         let topic = Topic::room("h:2");
         let (joiner, mut client) = peer(1).await;
         hub.hold(&topic, &joiner);

@@ -67,6 +67,8 @@ pub struct Metrics {
     pub presence_nodes: IntGauge,
     pub ready: IntGauge,
     pub fanout_workers: IntGauge,
+    pub coalesce_flushes: IntCounter,
+    pub coalesced_messages: IntCounter,
 }
 
 impl Metrics {
@@ -307,6 +309,14 @@ impl Metrics {
             fanout_workers: int_gauge(
                 "roomcast_fanout_workers",
                 "Threads writing messages to clients (fanout.workers)",
+            )?,
+            coalesce_flushes: counter(
+                "roomcast_coalesce_flushes_total",
+                "Coalescing windows that ended (rooms of namespaces with `coalesce`): one write per viewer each",
+            )?,
+            coalesced_messages: counter(
+                "roomcast_coalesced_messages_total",
+                "Messages those windows held",
             )?,
             registry,
         })

@@ -42,6 +42,8 @@ pub struct RawNamespace {
     pub join_leave_per_second: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history: Option<RawHistory>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coalesce: Option<String>,
 }
 
 /// `history = { size = 100, ttl = "5m" }` as written.
@@ -97,6 +99,9 @@ pub struct Namespace {
     pub join_leave_per_second: u32,
     /// Sequence numbers, history and recovery for its rooms (`None`: off).
     pub history: Option<History>,
+    /// Hold a room's messages this long and write them to each viewer
+    /// together (`Duration::ZERO`: off, every batch at once).
+    pub coalesce: Duration,
 }
 
 impl Namespace {
@@ -186,6 +191,7 @@ impl Namespaces {
             events: default_events,
             join_leave_per_second: 0,
             history: None,
+            coalesce: Duration::ZERO,
         };
         let mut rules: Vec<Namespace> = Vec::new();
         for (i, ns) in raw.iter().enumerate() {
@@ -248,9 +254,14 @@ impl Namespaces {
                 None => None,
                 Some(h) => Some(history(&key("history"), h)?),
             };
+            let coalesce = match &ns.coalesce {
+                None => Duration::ZERO,
+                Some(window) => coalesce(&key("coalesce"), window)?,
+            };
             rules.push(Namespace {
                 join_leave_per_second,
                 history,
+                coalesce,
                 id: i + 1,
                 prefix: ns.prefix.clone(),
                 anonymous_join: ns.anonymous_join.unwrap_or(base.anonymous_join),
@@ -312,6 +323,21 @@ impl Namespaces {
 }
 
 /// Check `history = { size, ttl }` at `key`.
+/// Longest coalescing window: beyond it, the wait is a latency users see.
+pub const MAX_COALESCE: Duration = Duration::from_millis(50);
+
+fn coalesce(key: &str, raw: &str) -> Result<Duration, (String, String)> {
+    let window =
+        humantime::parse_duration(raw).map_err(|e| (key.to_owned(), format!("{raw:?}: {e}")))?;
+    if window > MAX_COALESCE {
+        return Err((
+            key.to_owned(),
+            format!("at most {MAX_COALESCE:?} (0 is off)"),
+        ));
+    }
+    Ok(window)
+}
+
 fn history(key: &str, raw: &RawHistory) -> Result<History, (String, String)> {
     if raw.size == 0 || raw.size > MAX_HISTORY_SIZE {
         return Err((
@@ -362,6 +388,7 @@ mod tests {
             join_leave_events: None,
             join_leave_per_second: None,
             history: None,
+            coalesce: None,
         }
     }
 
@@ -447,5 +474,23 @@ mod tests {
             })
         );
         assert_eq!(ns.of("other").history, None);
+    }
+
+    #[test]
+    fn a_coalescing_window_is_at_most_50ms_and_named_in_the_error() {
+        let events = BTreeMap::new();
+        let mut hot = raw("hot:");
+        hot.coalesce = Some("3ms".into());
+        let ns = Namespaces::new(defaults(&events), &[hot.clone()]).unwrap();
+        assert_eq!(ns.of("hot:1").coalesce, Duration::from_millis(3));
+        assert_eq!(ns.of("cold").coalesce, Duration::ZERO);
+        hot.coalesce = Some("60ms".into());
+        let err = Namespaces::new(defaults(&events), &[hot.clone()]).unwrap_err();
+        assert_eq!(err.0, "namespaces[0].coalesce");
+        hot.coalesce = Some("soon".into());
+        assert_eq!(
+            Namespaces::new(defaults(&events), &[hot]).unwrap_err().0,
+            "namespaces[0].coalesce"
+        );
     }
 }

@@ -138,7 +138,11 @@ pub async fn run(
         config.server.max_pending_connections = budget.max_pending;
     }
     let metrics = Arc::new(Metrics::new(registry)?);
-    let (hub, subs) = Hub::new(metrics.clone(), config.fanout_workers);
+    let coalesce = config.namespaces.by_id().into_iter();
+    let coalesce = coalesce
+        .map(|ns| (ns.prefix.clone(), ns.coalesce))
+        .collect();
+    let (hub, subs) = Hub::new(metrics.clone(), config.fanout_workers, coalesce);
     let background = TaskTracker::new();
     let stop = CancellationToken::new();
     let node_id = config.node_id();

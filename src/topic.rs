@@ -12,7 +12,7 @@ use std::fmt;
 use std::sync::Arc;
 
 /// A room or a user, as one cheap-to-clone key (`room:<name>` or `user:<id>`).
-#[derive(Clone, PartialEq, Eq, Hash)]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Topic(Arc<str>);
 
 /// What a [`Topic`] names, borrowed from it.

@@ -94,3 +94,83 @@ async fn with_four_workers_every_viewer_gets_each_message_once_in_the_rooms_orde
         node.metric("roomcast_deliveries_total").await >= (VIEWERS as u64 * 2 * expected) as f64
     );
 }
+
+/// Two namespaces that coalesce: a plain one and one with history.
+const COALESCE_TOML: &str = r#"
+[[namespaces]]
+prefix = "hot:"
+coalesce = "30ms"
+
+[[namespaces]]
+prefix = "hoth:"
+coalesce = "30ms"
+history = { size = 100, ttl = "5m" }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coalescing_room_delivers_everything_in_order_in_fewer_writes() {
+    let node = Node::ready(file_config(
+        COALESCE_TOML,
+        &[("ROOMCAST__LIMITS__MESSAGES_PER_SECOND", "0")],
+    ))
+    .await;
+    const MESSAGES: u64 = 30;
+    for room in ["hot:a", "hoth:a"] {
+        let (mut viewer, _) = Client::json(&node, &[room]).await;
+        let (mut publisher, _) = Client::json(&node, &[room]).await;
+        let before = node.metric("roomcast_coalesced_messages_total").await;
+        let flushes = node.metric("roomcast_coalesce_flushes_total").await;
+        // Sent back to back, without waiting for acks.
+        for n in 1..=MESSAGES {
+            publisher
+                .send_json(send_frame(room, "danmaku", json!({ "n": n })))
+                .await;
+        }
+        let mut got = Vec::new();
+        let mut seqs = Vec::new();
+        while got.len() < MESSAGES as usize {
+            let f = viewer.recv_json().await;
+            if f["op"] == "msg" {
+                got.push(f["data"]["n"].as_u64().unwrap());
+                seqs.extend(f["seq"].as_u64());
+            }
+        }
+        assert_eq!(
+            got,
+            (1..=MESSAGES).collect::<Vec<_>>(),
+            "{room}: each once, in order"
+        );
+        if room.starts_with("hoth:") {
+            assert!(
+                seqs.windows(2).all(|w| w[1] == w[0] + 1) && seqs.len() == MESSAGES as usize,
+                "{room}: seqs without a gap: {seqs:?}"
+            );
+        }
+        let held = node.metric("roomcast_coalesced_messages_total").await - before;
+        let windows = node.metric("roomcast_coalesce_flushes_total").await - flushes;
+        assert_eq!(
+            held, MESSAGES as f64,
+            "{room}: every message went through a window"
+        );
+        assert!(
+            windows >= 1.0 && windows < MESSAGES as f64 / 2.0,
+            "{room}: {MESSAGES} messages in {windows} windows"
+        );
+    }
+    // A room of another namespace is not held.
+    let (mut viewer, _) = Client::json(&node, &["cold"]).await;
+    let (mut publisher, _) = Client::json(&node, &["cold"]).await;
+    let windows = node.metric("roomcast_coalesce_flushes_total").await;
+    publisher
+        .send_json(send_frame("cold", "danmaku", json!({"n": 1})))
+        .await;
+    loop {
+        if viewer.recv_json().await["op"] == "msg" {
+            break;
+        }
+    }
+    assert_eq!(
+        node.metric("roomcast_coalesce_flushes_total").await,
+        windows
+    );
+}
