@@ -19,8 +19,8 @@ use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::Arc;
 
 use crate::metrics::Metrics;
-use crate::peer::{Peer, Sent};
-use crate::protocol::{Outgoing, Stamp};
+use crate::peer::{Mark, Peer, Sent};
+use crate::protocol::{Format, Outgoing, Stamp};
 
 /// Batches waiting per worker before the bus task waits.
 const QUEUE: usize = 1024;
@@ -38,6 +38,16 @@ pub struct Batch {
     /// Members that joined at a position this batch may not have reached
     /// (held joins just released): (connection seq, position).
     pub floors: Vec<(u64, Stamp)>,
+    /// When the batch holds droppable messages: the batch again, in runs of
+    /// droppable and other messages, for viewers that lag; and the room.
+    pub runs: Vec<Run>,
+    pub room: Option<Arc<str>>,
+}
+
+/// Consecutive messages of a batch that are all droppable or all not.
+pub struct Run {
+    pub out: Outgoing,
+    pub count: u32,
 }
 
 pub struct Fanout {
@@ -98,10 +108,28 @@ struct Part {
 /// Write `batch` to the members of `part`; count the deliveries.
 fn write(batch: &Batch, metrics: &Metrics, part: Part) {
     let mine = |peer: &Peer| part.of == 1 || peer.seq as usize % part.of == part.index;
-    let mut delivered = 0u64;
+    let (mut delivered, mut skipped) = (0u64, 0u64);
     for peer in batch.members.iter().filter(|p| mine(p)) {
         let floor = batch.floors.iter().find(|(p, _)| *p == peer.seq);
         let Some(&(_, at)) = floor else {
+            let lagging = || peer.format == Format::Json && peer.lagging();
+            if let (false, Some(room), true) = (batch.runs.is_empty(), &batch.room, lagging()) {
+                // Behind: droppable runs are queued as such, so that an
+                // overflow drops them (and says so) before it closes.
+                for run in &batch.runs {
+                    let mark = run.out.droppable.then(|| Mark {
+                        room: room.clone(),
+                        count: run.count,
+                    });
+                    let (sent, shed) = peer.send_marked(&run.out.json, mark);
+                    skipped += u64::from(shed);
+                    if sent != Sent::Delivered {
+                        break;
+                    }
+                    delivered += u64::from(run.count);
+                }
+                continue;
+            }
             if peer.send(batch.out.frame_for(peer.format)) == Sent::Delivered {
                 delivered += batch.outgoing.len() as u64;
             }
@@ -121,4 +149,5 @@ fn write(batch: &Batch, metrics: &Metrics, part: Part) {
         }
     }
     metrics.deliveries.inc_by(delivered);
+    metrics.messages_skipped.inc_by(skipped);
 }

@@ -43,12 +43,22 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::bus::{Deliver, SubCmd};
-use crate::fanout::{Batch, Fanout};
+use crate::fanout::{Batch, Fanout, Run};
 use crate::members::{Keyed, Members};
 use crate::metrics::Metrics;
 use crate::peer::{Peer, Sent};
 use crate::protocol::{Format, Outgoing, Stamp};
 use crate::topic::{Target, Topic};
+
+/// What a namespace asks of the fan-out of its rooms.
+#[derive(Debug, Clone, Default)]
+pub struct RoomRule {
+    pub prefix: String,
+    /// Hold the room's messages this long, then write them together (0: off).
+    pub coalesce: Duration,
+    /// Events a lagging viewer may miss.
+    pub droppable: Vec<String>,
+}
 
 #[derive(Default)]
 struct Room {
@@ -107,8 +117,8 @@ pub struct Hub {
     changes: Notify,
     /// Writes batches to members, on `fanout.workers` cores.
     fanout: Fanout,
-    /// Room-name prefix → coalescing window, longest prefix first.
-    coalesce: Vec<(String, Duration)>,
+    /// What namespaces ask of their rooms' fan-out, longest prefix first.
+    rules: Vec<RoomRule>,
     /// Rooms whose window began, for the coalescer task.
     due: mpsc::UnboundedSender<(Instant, Topic)>,
 }
@@ -130,16 +140,16 @@ impl Hub {
     pub fn new(
         metrics: Arc<Metrics>,
         fanout_workers: usize,
-        mut coalesce: Vec<(String, Duration)>,
+        mut rules: Vec<RoomRule>,
     ) -> (Arc<Hub>, mpsc::UnboundedReceiver<SubCmd>) {
         let (subs, rx) = mpsc::unbounded_channel();
         let (due, due_rx) = mpsc::unbounded_channel();
-        coalesce.retain(|(_, window)| !window.is_zero());
-        coalesce.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
-        let coalescing = !coalesce.is_empty();
+        rules.retain(|r| !r.coalesce.is_zero() || !r.droppable.is_empty());
+        rules.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+        let coalescing = rules.iter().any(|r| !r.coalesce.is_zero());
         let hub = Arc::new(Hub {
             fanout: Fanout::new(fanout_workers, metrics.clone()),
-            coalesce,
+            rules,
             due,
             rooms: RwLock::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
@@ -362,9 +372,11 @@ impl Hub {
         let Some(target) = Target::of_key(key) else {
             return;
         };
+        let rule = self.rule(target);
+        let droppable = |event: &str| rule.is_some_and(|r| r.droppable.iter().any(|d| d == event));
         let mut outgoing = Vec::with_capacity(payloads.len());
         for payload in payloads {
-            match Outgoing::from_envelope(target, payload) {
+            match Outgoing::from_envelope_marked(target, payload, droppable) {
                 Ok(out) => outgoing.push(out),
                 Err(e) => {
                     self.metrics.bus_invalid.inc();
@@ -373,7 +385,7 @@ impl Hub {
             }
         }
         self.metrics.bus_received.inc_by(outgoing.len() as u64);
-        if let Some(window) = self.window(target) {
+        if let Some(window) = rule.map(|r| r.coalesce).filter(|w| !w.is_zero()) {
             // Held for the window: what arrives meanwhile goes out with it.
             let rooms = self.rooms.read();
             let Some((topic, room)) = rooms.get_key_value(key) else {
@@ -389,16 +401,14 @@ impl Hub {
         self.fan_out(key, outgoing);
     }
 
-    /// The coalescing window of a room's namespace, if it has one.
-    fn window(&self, target: Target<'_>) -> Option<Duration> {
+    /// What a room's namespace asks of its fan-out, if anything.
+    fn rule(&self, target: Target<'_>) -> Option<&RoomRule> {
         let Target::Room(room) = target else {
             return None;
         };
-        let rule = self
-            .coalesce
+        self.rules
             .iter()
-            .find(|(p, _)| room.starts_with(p.as_str()));
-        rule.map(|(_, window)| *window)
+            .find(|r| room.starts_with(r.prefix.as_str()))
     }
 
     /// A coalescing room's window ended: write what it held.
@@ -434,12 +444,35 @@ impl Hub {
         if members.is_empty() {
             return;
         }
+        // Lagging viewers may miss droppable messages: the batch in runs
+        // of droppable and other messages, each its own frame.
+        let (runs, room) = match outgoing.iter().any(|o| o.droppable) {
+            false => (Vec::new(), None),
+            true => {
+                let runs = outgoing
+                    .chunk_by(|a, b| a.droppable == b.droppable)
+                    .filter_map(|run| {
+                        Some(Run {
+                            out: Outgoing::concat(run)?,
+                            count: run.len() as u32,
+                        })
+                    })
+                    .collect();
+                let room = match Target::of_key(key) {
+                    Some(Target::Room(room)) => Some(Arc::from(room)),
+                    _ => None,
+                };
+                (runs, room)
+            }
+        };
         // Slow consumers are counted when their connection ends (conn.rs).
         self.fanout.deliver(Batch {
             members,
             outgoing,
             out,
             floors,
+            runs,
+            room,
         });
     }
 

@@ -69,6 +69,7 @@ pub struct Metrics {
     pub fanout_workers: IntGauge,
     pub coalesce_flushes: IntCounter,
     pub coalesced_messages: IntCounter,
+    pub messages_skipped: IntCounter,
 }
 
 impl Metrics {
@@ -317,6 +318,10 @@ impl Metrics {
             coalesced_messages: counter(
                 "roomcast_coalesced_messages_total",
                 "Messages those windows held",
+            )?,
+            messages_skipped: counter(
+                "roomcast_messages_skipped_total",
+                "Droppable messages (a namespace's `droppable` events) dropped for lagging viewers, who were told how many",
             )?,
             registry,
         })

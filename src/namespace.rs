@@ -44,6 +44,8 @@ pub struct RawNamespace {
     pub history: Option<RawHistory>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub coalesce: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub droppable: Option<Vec<String>>,
 }
 
 /// `history = { size = 100, ttl = "5m" }` as written.
@@ -102,6 +104,9 @@ pub struct Namespace {
     /// Hold a room's messages this long and write them to each viewer
     /// together (`Duration::ZERO`: off, every batch at once).
     pub coalesce: Duration,
+    /// Events a lagging viewer may miss (oldest first, told how many)
+    /// before it would be closed as a slow consumer.
+    pub droppable: Vec<String>,
 }
 
 impl Namespace {
@@ -192,6 +197,7 @@ impl Namespaces {
             join_leave_per_second: 0,
             history: None,
             coalesce: Duration::ZERO,
+            droppable: Vec::new(),
         };
         let mut rules: Vec<Namespace> = Vec::new();
         for (i, ns) in raw.iter().enumerate() {
@@ -258,10 +264,30 @@ impl Namespaces {
                 None => Duration::ZERO,
                 Some(window) => coalesce(&key("coalesce"), window)?,
             };
+            let aggregate = ns
+                .aggregate
+                .clone()
+                .unwrap_or_else(|| base.aggregate.clone());
+            let droppable = ns.droppable.clone().unwrap_or_default();
+            for event in &droppable {
+                if event.is_empty() || event.len() > crate::protocol::MAX_EVENT_LEN {
+                    return Err((
+                        key("droppable"),
+                        format!("{event:?} is not an event name (1-128 bytes)"),
+                    ));
+                }
+                if aggregate.contains(event) {
+                    return Err((
+                        key("droppable"),
+                        format!("{event:?} is aggregated: its sums are never dropped"),
+                    ));
+                }
+            }
             rules.push(Namespace {
                 join_leave_per_second,
                 history,
                 coalesce,
+                droppable,
                 id: i + 1,
                 prefix: ns.prefix.clone(),
                 anonymous_join: ns.anonymous_join.unwrap_or(base.anonymous_join),
@@ -269,10 +295,7 @@ impl Namespaces {
                 client_send: ns.client_send.unwrap_or(true),
                 max_message_bytes: ns.max_message_bytes.unwrap_or(base.max_message_bytes),
                 messages,
-                aggregate: ns
-                    .aggregate
-                    .clone()
-                    .unwrap_or_else(|| base.aggregate.clone()),
+                aggregate,
                 events: own,
             });
         }
@@ -389,6 +412,7 @@ mod tests {
             join_leave_per_second: None,
             history: None,
             coalesce: None,
+            droppable: None,
         }
     }
 
@@ -487,6 +511,14 @@ mod tests {
         hot.coalesce = Some("60ms".into());
         let err = Namespaces::new(defaults(&events), &[hot.clone()]).unwrap_err();
         assert_eq!(err.0, "namespaces[0].coalesce");
+        let mut big = raw("big:");
+        big.aggregate = Some(vec!["like".into()]);
+        big.droppable = Some(vec!["like".into()]);
+        let err = Namespaces::new(defaults(&events), &[big]).unwrap_err();
+        assert_eq!(
+            err.0, "namespaces[0].droppable",
+            "aggregated sums are never dropped"
+        );
         hot.coalesce = Some("soon".into());
         assert_eq!(
             Namespaces::new(defaults(&events), &[hot]).unwrap_err().0,

@@ -66,7 +66,9 @@ pub struct Peer {
 
 #[derive(Default)]
 struct Outbox {
-    queue: VecDeque<Bytes>,
+    /// Each queued frame, and whether it holds only messages the client may
+    /// miss when it lags (its room and how many), see [`Peer::send_marked`].
+    queue: VecDeque<(Bytes, Option<Mark>)>,
     queued: usize,
     closing: Option<Closing>,
     /// The socket failed; everything is dropped from now on.
@@ -76,10 +78,45 @@ struct Outbox {
     front_started: bool,
 }
 
+/// A queued frame of droppable messages: `count` messages of `room`.
+#[derive(Clone)]
+pub struct Mark {
+    pub room: Arc<str>,
+    pub count: u32,
+}
+
 impl Outbox {
     fn push(&mut self, frame: Bytes) {
+        self.push_marked(frame, None);
+    }
+
+    fn push_marked(&mut self, frame: Bytes, mark: Option<Mark>) {
         self.queued += frame.len();
-        self.queue.push_back(frame);
+        self.queue.push_back((frame, mark));
+    }
+
+    /// Over `limit`: drop droppable frames, oldest first (never one whose
+    /// start is on the wire), until under it. Answers what was dropped, per room.
+    fn shed(&mut self, limit: usize) -> Vec<(Arc<str>, u32)> {
+        let mut dropped: Vec<(Arc<str>, u32)> = Vec::new();
+        if !self.queue.iter().any(|(_, mark)| mark.is_some()) {
+            return dropped;
+        }
+        let queue = std::mem::take(&mut self.queue);
+        for (i, (frame, mark)) in queue.into_iter().enumerate() {
+            let movable = i > 0 || !self.front_started;
+            match mark {
+                Some(m) if movable && self.queued > limit => {
+                    self.queued -= frame.len();
+                    match dropped.iter_mut().find(|(r, _)| *r == m.room) {
+                        Some((_, n)) => *n += m.count,
+                        None => dropped.push((m.room, m.count)),
+                    }
+                }
+                mark => self.queue.push_back((frame, mark)),
+            }
+        }
+        dropped
     }
 
     /// `written` bytes from the front of the queue went out. A frame cut by
@@ -88,7 +125,7 @@ impl Outbox {
         self.queued -= written;
         let mut left = written;
         while left > 0 {
-            let Some(front) = self.queue.front_mut() else {
+            let Some((front, _)) = self.queue.front_mut() else {
                 break;
             };
             if front.len() <= left {
@@ -112,7 +149,7 @@ impl Outbox {
         };
         self.queue.clear();
         self.queued = 0;
-        if let Some(front) = keep {
+        if let Some((front, _)) = keep {
             self.push(front);
         }
     }
@@ -142,13 +179,31 @@ impl Peer {
 
     /// Hand one complete frame to this client. Never blocks.
     pub fn send(&self, frame: &Bytes) -> Sent {
+        self.send_marked(frame, None).0
+    }
+
+    /// [`Peer::send`] a frame that, if it has to wait in the queue, the
+    /// client may miss when it lags (`mark`: the droppable messages it
+    /// holds). When the queue overflows, such frames are dropped oldest
+    /// first and the client is told how many (`skipped` frames) before it
+    /// would be closed as a slow consumer. Also answers how many messages
+    /// were dropped.
+    pub fn send_marked(&self, frame: &Bytes, mark: Option<Mark>) -> (Sent, u32) {
         let mut out = self.out.lock();
         if out.closing.is_some() || out.broken {
-            return Sent::Closed;
+            return (Sent::Closed, 0);
         }
-        self.write_or_queue(&mut out, frame);
+        self.write_or_queue(&mut out, frame, mark);
         if out.queued <= self.queue_limit {
-            return Sent::Delivered;
+            return (Sent::Delivered, 0);
+        }
+        let shed = out.shed(self.queue_limit);
+        let skipped = shed.iter().map(|(_, n)| n).sum();
+        if out.queued <= self.queue_limit {
+            for (room, count) in shed {
+                out.push(crate::protocol::skipped_frame(&room, count));
+            }
+            return (Sent::Delivered, skipped);
         }
         // More than the limit waits for this client: it is not keeping up.
         out.discard();
@@ -159,13 +214,18 @@ impl Peer {
         out.push(ws::close_frame(close::SLOW_CONSUMER, "slow consumer"));
         drop(out);
         self.wake.notify_one();
-        Sent::SlowConsumer
+        (Sent::SlowConsumer, skipped)
+    }
+
+    /// Frames wait in this client's queue: it is behind.
+    pub fn lagging(&self) -> bool {
+        !self.out.lock().queue.is_empty()
     }
 
     /// Write directly when nothing is queued; queue what the socket did not take.
-    fn write_or_queue(&self, out: &mut Outbox, frame: &Bytes) {
+    fn write_or_queue(&self, out: &mut Outbox, frame: &Bytes, mark: Option<Mark>) {
         if !out.queue.is_empty() {
-            out.push(frame.clone());
+            out.push_marked(frame.clone(), mark);
             return;
         }
         match self.socket.try_write(frame) {
@@ -176,7 +236,7 @@ impl Peer {
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 out.front_started = false;
-                out.push(frame.clone());
+                out.push_marked(frame.clone(), mark);
             }
             Err(_) => out.broken = true,
         }
@@ -194,7 +254,7 @@ impl Peer {
             out.discard();
         }
         out.closing = Some(Closing { code, graceful });
-        self.write_or_queue(&mut out, &ws::close_frame(code, reason));
+        self.write_or_queue(&mut out, &ws::close_frame(code, reason), None);
         drop(out);
         self.wake.notify_one();
     }
@@ -213,8 +273,12 @@ impl Peer {
         }
         while !out.queue.is_empty() {
             let written = {
-                let slices: Vec<IoSlice<'_>> =
-                    out.queue.iter().take(64).map(|b| IoSlice::new(b)).collect();
+                let slices: Vec<IoSlice<'_>> = out
+                    .queue
+                    .iter()
+                    .take(64)
+                    .map(|(b, _)| IoSlice::new(b))
+                    .collect();
                 match self.socket.try_write_vectored(&slices) {
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
@@ -310,7 +374,11 @@ mod tests {
             received.extend_from_slice(&buf[..n]);
             peer.flush().unwrap();
             let out = peer.out.lock();
-            if out.queue.front().is_some_and(|f| f.len() != PAYLOAD + 4) {
+            if out
+                .queue
+                .front()
+                .is_some_and(|(f, _)| f.len() != PAYLOAD + 4)
+            {
                 assert!(out.front_started, "a cut frame must be marked as started");
                 break;
             }

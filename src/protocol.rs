@@ -513,6 +513,22 @@ pub fn pong_frame(id: Option<u64>) -> Bytes {
 
 /// `{"op":"presence","room":…,"online":…}`: how many are in the room, on
 /// every node. State, not a message: never part of a room's history.
+/// `{"op":"skipped","room":…,"count":N}`: N messages of the room that this
+/// lagging client was let miss (events its namespace lists in `droppable`).
+pub fn skipped_frame(room: &str, count: u32) -> Bytes {
+    #[derive(Serialize)]
+    struct Skipped<'a> {
+        op: &'static str,
+        room: &'a str,
+        count: u32,
+    }
+    text(&Skipped {
+        op: "skipped",
+        room,
+        count,
+    })
+}
+
 pub fn presence_frame(room: &str, online: u64) -> Bytes {
     #[derive(Serialize)]
     struct Presence<'a> {
@@ -650,6 +666,9 @@ pub struct Outgoing {
     pub raw: Bytes,
     /// History rooms: the (last) message's place.
     pub stamp: Option<Stamp>,
+    /// Its event is one its namespace lets a lagging viewer miss (all of
+    /// them are, after [`Outgoing::concat`]).
+    pub droppable: bool,
 }
 
 /// A message's place in its room's history: its `seq`, and its epoch as a
@@ -717,6 +736,15 @@ impl Outgoing {
     /// The frames of one bus payload for `target` (the channel it arrived
     /// on): a `msg` with `room` for a room, with `to` for a user.
     pub fn from_envelope(target: Target<'_>, payload: &[u8]) -> Result<Outgoing, EnvelopeError> {
+        Outgoing::from_envelope_marked(target, payload, |_| false)
+    }
+
+    /// [`Outgoing::from_envelope`], marked `droppable` when its event is.
+    pub fn from_envelope_marked(
+        target: Target<'_>,
+        payload: &[u8],
+        droppable: impl Fn(&str) -> bool,
+    ) -> Result<Outgoing, EnvelopeError> {
         let env: Envelope = serde_json::from_slice(payload)?;
         #[derive(Serialize)]
         struct Msg<'a> {
@@ -785,7 +813,12 @@ impl Outgoing {
             }),
             _ => None,
         };
-        Ok(Outgoing { json, raw, stamp })
+        Ok(Outgoing {
+            json,
+            raw,
+            stamp,
+            droppable: droppable(&env.event),
+        })
     }
 
     /// Several messages as one: their frames back to back (the same bytes a
@@ -810,7 +843,13 @@ impl Outgoing {
                     join(|m| &m.raw)
                 };
                 let stamp = many.iter().rev().find_map(|m| m.stamp);
-                Some(Outgoing { json, raw, stamp })
+                let droppable = many.iter().all(|m| m.droppable);
+                Some(Outgoing {
+                    json,
+                    raw,
+                    stamp,
+                    droppable,
+                })
             }
         }
     }

@@ -36,7 +36,7 @@ use crate::config::Config;
 use crate::conn::{self, Accepted, CLOSE_GRACE};
 use crate::error::{ErrorCode, Rejection};
 use crate::gateway::{self, Gateway};
-use crate::hub::Hub;
+use crate::hub::{Hub, RoomRule};
 use crate::listener::{self, Edge};
 use crate::metrics::Metrics;
 use crate::protocol;
@@ -138,11 +138,12 @@ pub async fn run(
         config.server.max_pending_connections = budget.max_pending;
     }
     let metrics = Arc::new(Metrics::new(registry)?);
-    let coalesce = config.namespaces.by_id().into_iter();
-    let coalesce = coalesce
-        .map(|ns| (ns.prefix.clone(), ns.coalesce))
-        .collect();
-    let (hub, subs) = Hub::new(metrics.clone(), config.fanout_workers, coalesce);
+    let rules = config.namespaces.by_id().into_iter().map(|ns| RoomRule {
+        prefix: ns.prefix.clone(),
+        coalesce: ns.coalesce,
+        droppable: ns.droppable.clone(),
+    });
+    let (hub, subs) = Hub::new(metrics.clone(), config.fanout_workers, rules.collect());
     let background = TaskTracker::new();
     let stop = CancellationToken::new();
     let node_id = config.node_id();

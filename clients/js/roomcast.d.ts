@@ -78,6 +78,8 @@ export interface Events {
   error: RoomcastError;
   /** After a reconnect, per history room: `recovered: false` means messages were missed. */
   recovered: { room: string; recovered: boolean; ack: JoinAck };
+  /** This client lagged and the gateway let it miss `count` droppable messages of `room`. */
+  skipped: { room: string; count: number };
 }
 
 /** The delay (ms) before reconnect attempt `attempt`: random in [0, min(max, initial * 2^attempt)). */

@@ -106,7 +106,7 @@ export class Roomcast {
     this.connect();
   }
 
-  /** Listen to 'msg' | 'presence' | 'state' | 'error' | 'recovered'; returns a function that stops it. */
+  /** Listen to 'msg' | 'presence' | 'state' | 'error' | 'recovered' | 'skipped'; returns a function that stops it. */
   on(event, handler) {
     if (!this.handlers.has(event)) this.handlers.set(event, new Set());
     this.handlers.get(event).add(handler);
@@ -254,6 +254,10 @@ export class Roomcast {
       }
       case 'presence':
         this.emit('presence', { room: f.room, online: f.online });
+        break;
+      case 'skipped':
+        // This client lagged: the gateway let it miss `count` droppable messages.
+        this.emit('skipped', { room: f.room, count: f.count });
         break;
       case 'ack':
       case 'error':

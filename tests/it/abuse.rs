@@ -20,7 +20,7 @@ const PING: u8 = 0x9;
 
 /// A socket whose receive window is small, so the kernel hides little of a
 /// client's slowness.
-fn small_window() -> TcpSocket {
+pub fn small_window() -> TcpSocket {
     let socket = TcpSocket::new_v4().expect("socket");
     socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
     socket

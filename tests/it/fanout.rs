@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::util::*;
 
@@ -172,5 +173,101 @@ async fn a_coalescing_room_delivers_everything_in_order_in_fewer_writes() {
     assert_eq!(
         node.metric("roomcast_coalesce_flushes_total").await,
         windows
+    );
+}
+
+/// A namespace whose danmaku a lagging viewer may miss; gifts it may not.
+const DROP_TOML: &str = r#"
+[[namespaces]]
+prefix = "big:"
+droppable = ["danmaku"]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_viewer_misses_danmaku_oldest_first_is_told_how_many_and_gets_every_gift() {
+    use futures::{SinkExt, StreamExt};
+    let node = Node::ready(file_config(
+        DROP_TOML,
+        &[
+            ("ROOMCAST__LIMITS__MESSAGES_PER_SECOND", "0"),
+            ("ROOMCAST__LIMITS__OUTBOUND_QUEUE_BYTES", "262144"),
+        ],
+    ))
+    .await;
+    // A viewer with a tiny receive window that reads nothing for now.
+    let mut viewer =
+        RawWs::connect_with(crate::abuse::small_window(), node.addr, "room=big:1", &[]).await;
+    let (publisher, _) = Client::json(&node, &["big:1"]).await;
+    let (mut sink, mut echoes) = publisher.ws.split();
+    tokio::spawn(async move { while let Some(Ok(_)) = echoes.next().await {} });
+    // About 12 MB of danmaku, more than the kernel's buffers, with a gift
+    // after every 100th; then an end marker (a gift too).
+    const DANMAKU: u64 = 1500;
+    let pad = "x".repeat(8000);
+    for i in 1..=DANMAKU {
+        let frame = send_frame("big:1", "danmaku", json!({"i": i, "pad": pad}));
+        sink.send(Message::text(frame.to_string()))
+            .await
+            .expect("send");
+        if i % 100 == 0 {
+            let gift = send_frame("big:1", "gift", json!({ "g": i }));
+            sink.send(Message::text(gift.to_string()))
+                .await
+                .expect("send");
+        }
+    }
+    let end = send_frame("big:1", "gift", json!({"g": "end"}));
+    sink.send(Message::text(end.to_string()))
+        .await
+        .expect("send");
+    eventually(
+        "the node to drop danmaku for the lagging viewer",
+        || async { node.metric("roomcast_messages_skipped_total").await > 0.0 },
+    )
+    .await;
+    // Now it reads: never closed, every gift in order, the danmaku it got
+    // in order, and the skipped ones counted exactly.
+    let (mut gifts, mut danmaku, mut skipped) = (Vec::new(), Vec::new(), 0u64);
+    loop {
+        let (opcode, payload) = viewer.frame().await;
+        assert_ne!(
+            opcode,
+            0x8,
+            "closed: {:?}",
+            String::from_utf8_lossy(&payload)
+        );
+        let f: serde_json::Value = serde_json::from_slice(&payload).expect("JSON");
+        match (f["op"].as_str(), f["event"].as_str()) {
+            (Some("skipped"), _) => {
+                assert_eq!(f["room"], "big:1");
+                skipped += f["count"].as_u64().expect("count");
+            }
+            (Some("msg"), Some("danmaku")) => danmaku.push(f["data"]["i"].as_u64().unwrap()),
+            (Some("msg"), Some("gift")) => {
+                if f["data"]["g"] == "end" {
+                    break;
+                }
+                gifts.push(f["data"]["g"].as_u64().unwrap());
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(
+        gifts,
+        (1..=DANMAKU / 100).map(|g| g * 100).collect::<Vec<_>>(),
+        "every gift, in order"
+    );
+    assert!(danmaku.windows(2).all(|w| w[0] < w[1]), "danmaku in order");
+    assert!(skipped > 0, "some danmaku were skipped");
+    assert_eq!(
+        danmaku.len() as u64 + skipped,
+        DANMAKU,
+        "each danmaku received or counted as skipped"
+    );
+    // Oldest first: what it got after the first skip is the newest.
+    assert_eq!(danmaku.last(), Some(&DANMAKU), "the newest danmaku arrived");
+    assert_eq!(
+        node.metric("roomcast_messages_skipped_total").await,
+        skipped as f64
     );
 }
