@@ -13,6 +13,8 @@ use crate::util::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_four_workers_every_viewer_gets_each_message_once_in_the_rooms_order() {
+    // A flood: not beside a Redis-fault test, whose timing it would stretch.
+    let _alone = REDIS_FAULTS.lock().await;
     let node = Node::ready(config(&[
         ("ROOMCAST__FANOUT__WORKERS", "4"),
         ("ROOMCAST__LIMITS__MESSAGES_PER_SECOND", "0"),
@@ -111,6 +113,8 @@ history = { size = 100, ttl = "5m" }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coalescing_room_delivers_everything_in_order_in_fewer_writes() {
+    // A flood: not beside a Redis-fault test, whose timing it would stretch.
+    let _alone = REDIS_FAULTS.lock().await;
     let node = Node::ready(file_config(
         COALESCE_TOML,
         &[("ROOMCAST__LIMITS__MESSAGES_PER_SECOND", "0")],
@@ -186,6 +190,8 @@ droppable = ["danmaku"]
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagging_viewer_misses_danmaku_is_told_how_many_and_gets_every_gift() {
+    // A flood: not beside a Redis-fault test, whose timing it would stretch.
+    let _alone = REDIS_FAULTS.lock().await;
     use futures::{SinkExt, StreamExt};
     let node = Node::ready(file_config(
         DROP_TOML,
