@@ -622,19 +622,12 @@ impl Bus for RedisBus {
     fn watch_seconds<'a>(&'a self, room: &'a str) -> BoxFuture<'a, Result<f64, BusError>> {
         async move {
             let [_, key] = presence::room_keys(&self.channel(&Topic::room(room)));
-            let shard = self.shard(key.as_bytes())?;
-            let mut conn = shard.connection()?.conn;
-            let get = redis::cmd("GET").arg(key).to_owned();
-            match timeout(
-                self.config.timeout,
-                get.query_async::<Option<f64>>(&mut conn),
-            )
-            .await
-            {
-                Ok(Ok(seconds)) => Ok(seconds.unwrap_or(0.0)),
-                Ok(Err(e)) => Err(self.failed(&shard, "read of watch time", Some(e))),
-                Err(_) => Err(self.failed(&shard, "read of watch time", None)),
-            }
+            let get = redis::cmd("GET").arg(&key).to_owned();
+            let reply = self.on_shards("read of watch time", &[(key, get)]).await;
+            let value = reply.into_iter().next().unwrap_or(Ok(redis::Value::Nil))?;
+            redis::from_redis_value::<Option<f64>>(value)
+                .map(|seconds| seconds.unwrap_or(0.0))
+                .map_err(|_| BusError::Unavailable("redis answered the watch time oddly".into()))
         }
         .boxed()
     }
